@@ -1,0 +1,2 @@
+"""lcjax: long-context language models in JAX."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss and synthetic long-context retrieval."""
