@@ -1,0 +1,845 @@
+"""Block-sparse flash attention for Hopper: Pallas Mosaic GPU forward and backward.
+
+The fast path of ``lcjax.attention.attend`` on H100/H200. Same semantics as
+``lcjax.attention.reference.dense_attention`` (GQA, fully-masked rows give zeros
+and ``lse = -inf``), restricted by a declarative pattern that is turned into
+block lists once per shape (``lcjax.attention.block_mask``):
+
+* forward and dQ: for each 128-row query block, the 128-column key blocks it
+  must visit, *full* blocks first, then *partial* ones (the only ones that pay
+  for an element mask). Fully-masked blocks are never loaded.
+* dK/dV: the transposed lists (for each key block, its query blocks).
+
+Kernel structure (FlashAttention-3, Shah et al. 2024, as expressed by JAX's
+``attention_mgpu`` example): per CTA two compute warpgroups of 64 query rows
+and one producer warpgroup that streams K/V tiles with TMA into a ring of
+shared-memory slots; wgmma with fp32 accumulators; exp2 softmax; ping-pong
+scheduling so one warpgroup's softmax overlaps the other's matmuls. What
+differs: the loop runs over the block list read from global memory, the
+producer fetches the listed tiles, masks are evaluated from the pattern on
+absolute positions only on partial tiles, and the backward has a dQ kernel
+(per query tile, over its key list) and a dK/dV kernel (per key tile, over the
+transposed list, summing the GQA group's query heads in registers so K/V are
+never repeated in memory).
+
+GPU only (jax 0.11.2 ``plgpu`` API); tested on the H100 by
+``tests/attention/test_mosaic_attention.py`` and ``python -m
+pallas_kernels.mosaic_check``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.attention import block_mask
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_META_BLOCK = 128  # Query and key block size of the block lists.
+_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+_SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tile sizes. Block lists are always 128x128; kernel tiles split them."""
+  block_q: int = 64          # forward rows per compute warpgroup (2 per CTA)
+  block_kv: int = 128        # forward key tile
+  stages: int = 2            # forward K/V ring depth
+  block_kv_dq: int = 128     # dQ kernel key tile (64 rows of q per warpgroup)
+  stages_dq: int = 2
+  block_q_dkv: int = 64      # dK/dV kernel query tile (64 keys per warpgroup)
+  stages_dkv: int = 2
+  reverse_q_order: bool = True  # launch heavy (late causal) query tiles first
+
+  def __post_init__(self):
+    if 2 * self.block_q != _META_BLOCK or self.block_kv != _META_BLOCK:
+      raise ValueError(f"forward tiles must be 2x{_META_BLOCK // 2} by "
+                       f"{_META_BLOCK}, got {self}")
+    for name in ("block_kv_dq", "block_q_dkv"):
+      b = getattr(self, name)
+      if b not in (64, 128):
+        raise ValueError(f"{name}={b}; allowed: 64, 128")
+
+
+DEFAULT_CONFIG = Config()
+
+
+# ----------------------------------------------------------------------------
+# Block lists (from lcjax.attention.block_mask), reordered full-first.
+# ----------------------------------------------------------------------------
+
+
+class Lists(NamedTuple):
+  """Visit lists of one direction, full blocks first (kernel input).
+
+  ``blocks[b, h, i, :count[b, h, i]]`` are the blocks row block ``i`` visits
+  (``b``/``h`` index batch/head when segment ids / head-dependent patterns
+  make the lists differ, else have size 1); the first ``num_full`` of them
+  need no element mask.
+  """
+  blocks: Any    # int32 [Bm, Hm, rows, width]
+  num_full: Any  # int32 [Bm, Hm, rows]
+  count: Any     # int32 [Bm, Hm, rows]
+
+
+def _full_first(blocks, full, count) -> Lists:
+  """Stable-sorts each list so that FULL blocks precede PARTIAL ones."""
+  xp = np if isinstance(blocks, np.ndarray) else jnp
+  order = xp.argsort(~full, axis=-1, stable=True)
+  blocks = xp.take_along_axis(blocks, order, axis=-1)
+  return Lists(blocks.astype(xp.int32), full.sum(-1).astype(xp.int32),
+               count.astype(xp.int32))
+
+
+def _lists(meta: block_mask.BlockMetadata) -> tuple[Lists, Lists]:
+  return (_full_first(meta.kv_blocks, meta.kv_full, meta.kv_counts),
+          _full_first(meta.q_blocks, meta.q_full, meta.q_counts))
+
+
+# ----------------------------------------------------------------------------
+# Support check.
+# ----------------------------------------------------------------------------
+
+
+def supports(q_shape, k_shape, dtype, pattern, has_segments: bool,
+             softcap: float | None) -> str | None:
+  """None if ``mosaic_attention`` can run this, else the reason it cannot."""
+  del has_segments, softcap  # Both supported.
+  if len(q_shape) != 4 or len(k_shape) != 4:
+    return f"q{tuple(q_shape)} / k{tuple(k_shape)} must be 4-D [B, L, heads, D]"
+  _, t, n, h = q_shape
+  _, s, kh, _ = k_shape
+  if jnp.dtype(dtype) not in map(jnp.dtype, _SUPPORTED_DTYPES):
+    return f"dtype {jnp.dtype(dtype).name} not in (bfloat16, float16)"
+  if h not in _SUPPORTED_HEAD_DIMS:
+    return f"head_dim {h} not in {_SUPPORTED_HEAD_DIMS}"
+  if n % kh:
+    return f"num_heads {n} is not a multiple of num_kv_heads {kh}"
+  if not pattern.in_kernel_mask:
+    meta = block_mask.block_metadata(pattern, t, s, _META_BLOCK, _META_BLOCK,
+                                     num_heads=n)
+    if (meta.kv_full.sum(-1) < meta.kv_counts).any():
+      return (f"{type(pattern).__name__} is a table lookup that does not tile "
+              f"into {_META_BLOCK}x{_META_BLOCK} blocks")
+  try:
+    _gpu_modules()
+  except ImportError as e:  # pragma: no cover - depends on the jax build
+    return f"Mosaic GPU Pallas is unavailable: {e}"
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    return f"Mosaic GPU kernel needs a GPU, default device is {device.platform}"
+  cc = str(getattr(device, "compute_capability", "9.0"))
+  if not cc.startswith("9"):
+    return f"needs a Hopper GPU (sm_90), found compute capability {cc}"
+  return None
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_modules():
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  return pl, plgpu
+
+
+# ----------------------------------------------------------------------------
+# Kernels.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Statics:
+  """Everything a kernel specialises on besides shapes."""
+  pattern: Any
+  scale: float
+  softcap: float | None
+  cfg: Config
+  kv_len: int          # real keys; later ones are padding (masked)
+  has_partial: bool    # False: no element mask anywhere (masked loop omitted)
+  has_segments: bool
+
+
+def _compiler_params(plgpu):
+  return plgpu.CompilerParams(
+      approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def _smem_transforms(plgpu):
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _logits(s, st: _Statics):
+  """Scaled (and soft-capped) logits in log2 units, and tanh for the VJP."""
+  if st.softcap is None:
+    return s * (st.scale * _LOG2E), None
+  t = jnp.tanh(s * (st.scale / st.softcap))
+  return t * (st.softcap * _LOG2E), t
+
+
+def _visible(st: _Statics, plgpu, shape, q_axis: int, q_local0, k_local0,
+             offsets, head, q_seg=None, kv_seg=None):
+  """Visibility of a tile whose axis ``q_axis`` runs over queries.
+
+  ``q_local0``/``k_local0``: first query/key row of the tile (0-based);
+  ``offsets``: absolute position of row 0 (q, kv); ``q_seg``/``kv_seg``:
+  segment ids along the query/key axis of the tile.
+  """
+  wgmma = plgpu.Layout.WGMMA
+  q_loc = plgpu.broadcasted_iota(jnp.int32, shape, q_axis, layout=wgmma)
+  k_loc = plgpu.broadcasted_iota(jnp.int32, shape, 1 - q_axis, layout=wgmma)
+  q_loc = q_loc + q_local0
+  k_loc = k_loc + k_local0
+  q_pos, k_pos = q_loc + offsets[0], k_loc + offsets[1]
+  vis = st.pattern.mask(q_pos, k_pos, head)
+  if st.has_segments:
+    same = (lax.broadcast_in_dim(q_seg, shape, [q_axis])
+            == lax.broadcast_in_dim(kv_seg, shape, [1 - q_axis]))
+    if st.pattern.has_segment_exemptions:
+      same = same | st.pattern.segment_exempt(q_pos, k_pos, head)
+    vis = vis & same
+  if st.kv_len % _META_BLOCK:
+    vis = vis & (k_loc < st.kv_len)
+  return vis
+
+
+def _list_index(lists_shape, b, h):
+  """Batch / head index into lists with broadcast (size-1) dimensions."""
+  bm = b if lists_shape[0] > 1 else 0
+  hm = h if lists_shape[1] > 1 else 0
+  return bm, hm
+
+
+def _forward(q, k, v, q_seg, kv_seg, offsets, lists: Lists, st: _Statics):
+  """Returns (out [B,T,N,H], lse [B,N,T] float32, natural log)."""
+  pl, plgpu = _gpu_modules()
+  B, T, N, H = q.shape
+  KH = k.shape[2]
+  G = N // KH
+  cfg = st.cfg
+  bq, bk, ns = cfg.block_q, cfg.block_kv, cfg.stages
+  nq_tiles = T // (2 * bq)
+  dtype = q.dtype
+  f32 = jnp.float32
+  ROW = plgpu.Layout.WGMMA.reduce(1)
+  COL = plgpu.Layout.WGMMA.reduce(0)
+  WGMMA = plgpu.Layout.WGMMA
+
+  def kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, off_ref, blk_ref,
+             nfull_ref, cnt_ref, out_ref, lse_ref, q_smem2, k_smem, v_smem,
+             lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched):
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    qt = lax.axis_index("q_seq")
+    if cfg.reverse_q_order:
+      qt = nq_tiles - 1 - qt
+    wg = lax.axis_index("wg")
+    bm, hm = _list_index(blk_ref.shape, b, h)
+    n_full = nfull_ref[bm, hm, qt]
+    n_tot = cnt_ref[bm, hm, qt]
+
+    def sched_barrier():
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg]
+      lse_smem = lse_smem2.at[wg]
+      q_row0 = qt * (2 * bq) + wg * bq
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row0, bq), h], q_smem,
+                              q_bar.at[wg])
+      offs = (off_ref[0], off_ref[1])
+      q_seg = None
+      if st.has_segments and st.has_partial:
+        q_seg = plgpu.load(qseg_ref.at[b, pl.ds(q_row0, bq)], layout=ROW,
+                           optimized=False)
+      plgpu.barrier_wait(q_bar.at[wg])
+      m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, f32), ROW)
+      l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, f32), ROW)
+      acc = plgpu.layout_cast(jnp.full((bq, H), 0.0, f32), WGMMA)
+
+      @pl.when(n_tot > 0)
+      def _():
+        plgpu.barrier_wait(k_bar.at[0])
+
+      pl.when(wg == 1)(sched_barrier)
+
+      def step(t, carry, masked: bool):
+        acc, m_i, l_i = carry
+        slot = lax.rem(t, jnp.int32(ns))
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+          sched_barrier()
+          return acc_ref[...]
+
+        s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), f32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        s, _ = _logits(s, st)
+        if masked:
+          k_row0 = blk_ref[bm, hm, qt, t] * bk
+          kv_seg = None
+          if st.has_segments:
+            kv_seg = plgpu.load(kvseg_ref.at[b, pl.ds(k_row0, bk)],
+                                layout=COL, optimized=False)
+          vis = _visible(st, plgpu, (bq, bk), 0, q_row0, k_row0, offs, h,
+                         q_seg, kv_seg)
+          s = jnp.where(vis, s, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        if masked:  # A row may have seen no visible key yet.
+          m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        else:
+          m_sub = m_new
+        alpha = jnp.exp2(m_i - m_sub)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i *= alpha
+        p16 = p.astype(dtype)
+        l_i += p.sum(axis=1)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)
+
+        def compute_pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          nxt = t + 1
+
+          @pl.when(nxt < n_tot)
+          def _():
+            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(ns))])
+
+        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_i
+
+      carry = (acc, m_i, l_i)
+      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                            carry)
+      if st.has_partial:
+        carry = lax.fori_loop(n_full, n_tot,
+                              functools.partial(step, masked=True), carry)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(sched_barrier)
+
+      empty = l_i == 0.0
+      l_safe = jnp.where(empty, 1.0, l_i)
+      acc *= lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+      q_smem[...] = acc.astype(dtype)
+      lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_row0, bq), h])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_row0, bq)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      kvh = lax.div(h, jnp.int32(G))
+
+      def issue(t, slot):
+        rows = (b, pl.ds(blk_ref[bm, hm, qt, t] * bk, bk), kvh)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot],
+                                k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot],
+                                v_bar.at[slot])
+
+      for i in range(ns):
+        pl.when(i < n_tot)(functools.partial(issue, i, i))
+
+      @pl.loop(0, jnp.maximum(n_tot - ns, 0))
+      def _(t):
+        slot = lax.rem(t, jnp.int32(ns))
+        rows = (b, pl.ds(blk_ref[bm, hm, qt, t + ns] * bk, bk), kvh)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot],
+                                k_bar.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot],
+                                v_bar.at[slot])
+
+  tr = _smem_transforms(plgpu)
+  scratch = [
+      plgpu.SMEM((2, bq, H), dtype, transforms=tr),
+      plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
+      plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
+      plgpu.SMEM((2, bq), f32),
+      plgpu.Barrier(num_barriers=ns),
+      plgpu.Barrier(num_barriers=ns),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_arrivals=2, num_barriers=ns),
+      plgpu.Barrier(num_arrivals=2, num_barriers=ns),
+      plgpu.Barrier(num_arrivals=2),
+  ]
+  return plgpu.kernel(
+      kernel,
+      out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((B, N, T), f32)],
+      scratch_types=scratch,
+      grid=(N, nq_tiles, B),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=_compiler_params(plgpu),
+  )(q, k, v, q_seg, kv_seg, offsets, *lists)
+
+
+def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
+                 lists: Lists, st: _Statics):
+  """dQ: per 128-row query tile, over its key list. Returns dq [B,T,N,H]."""
+  pl, plgpu = _gpu_modules()
+  B, T, N, H = q.shape
+  KH = k.shape[2]
+  G = N // KH
+  cfg = st.cfg
+  bq = _META_BLOCK // 2
+  bk, ns = cfg.block_kv_dq, cfg.stages_dq
+  split = _META_BLOCK // bk
+  nq_tiles = T // _META_BLOCK
+  dtype = q.dtype
+  f32 = jnp.float32
+  ROW = plgpu.Layout.WGMMA.reduce(1)
+  COL = plgpu.Layout.WGMMA.reduce(0)
+  WGMMA = plgpu.Layout.WGMMA
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
+             kvseg_ref, off_ref, blk_ref, nfull_ref, cnt_ref, dq_ref,
+             q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
+             in_bars, k_bar, v_bar, k_free, v_free):
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    qt = lax.axis_index("q_seq")
+    if cfg.reverse_q_order:
+      qt = nq_tiles - 1 - qt
+    wg = lax.axis_index("wg")
+    bm, hm = _list_index(blk_ref.shape, b, h)
+    n_full = nfull_ref[bm, hm, qt] * split
+    n_tot = cnt_ref[bm, hm, qt] * split
+
+    def kv_row0(t):
+      blk = blk_ref[bm, hm, qt, lax.div(t, jnp.int32(split))]
+      return blk * _META_BLOCK + lax.rem(t, jnp.int32(split)) * bk
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
+      q_row0 = qt * _META_BLOCK + wg * bq
+      rows = pl.ds(q_row0, bq)
+      srcs = (q_ref.at[b, rows, h], do_ref.at[b, rows, h],
+              lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
+      dsts = (q_smem, do_smem, lse_smem, delta_smem)
+      for src, dst, bar in zip(srcs, dsts, in_bars):
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+      offs = (off_ref[0], off_ref[1])
+      q_seg = None
+      if st.has_segments and st.has_partial:
+        q_seg = plgpu.load(qseg_ref.at[b, rows], layout=ROW, optimized=False)
+      for bar in in_bars:
+        plgpu.barrier_wait(bar.at[wg])
+      lse = plgpu.load(lse_smem, layout=ROW)
+      delta = plgpu.load(delta_smem, layout=ROW)
+      dq = plgpu.layout_cast(jnp.full((bq, H), 0.0, f32), WGMMA)
+
+      def step(t, dq, masked: bool):
+        slot = lax.rem(t, jnp.int32(ns))
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def compute_s(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(compute_s, plgpu.ACC((bq, bk), f32))
+        s, tanh = _logits(s, st)
+        if masked:
+          k_row0 = kv_row0(t)
+          kv_seg = None
+          if st.has_segments:
+            kv_seg = plgpu.load(kvseg_ref.at[b, pl.ds(k_row0, bk)],
+                                layout=COL, optimized=False)
+          vis = _visible(st, plgpu, (bq, bk), 0, q_row0, k_row0, offs, h,
+                         q_seg, kv_seg)
+          s = jnp.where(vis, s, -jnp.inf)
+        p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+        plgpu.barrier_wait(v_bar.at[slot])
+
+        def compute_dp(acc_ref):
+          plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].T)
+          return acc_ref[...]
+
+        dp = pl.run_scoped(compute_dp, plgpu.ACC((bq, bk), f32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+        if tanh is not None:
+          ds = ds * (1.0 - tanh * tanh)
+
+        def compute_dq(acc_ref):
+          plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+        dq = pl.run_state(compute_dq)(plgpu.ACC.init(dq))
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq
+
+      dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+      if st.has_partial:
+        dq = lax.fori_loop(n_full, n_tot, functools.partial(step, masked=True),
+                           dq)
+      q_smem[...] = (dq * st.scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      kvh = lax.div(h, jnp.int32(G))
+
+      @pl.loop(0, n_tot)
+      def _(t):
+        slot = lax.rem(t, jnp.int32(ns))
+        rows = (b, pl.ds(kv_row0(t), bk), kvh)
+        for ref, smem, bar, free in ((k_ref, k_smem, k_bar, k_free),
+                                     (v_ref, v_smem, v_bar, v_free)):
+          @pl.when(t >= ns)
+          def _():
+            plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
+          plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bar.at[slot])
+
+  tr = _smem_transforms(plgpu)
+  scratch = [
+      plgpu.SMEM((2, bq, H), dtype, transforms=tr),
+      plgpu.SMEM((2, bq, H), dtype, transforms=tr),
+      plgpu.SMEM((2, bq), f32),
+      plgpu.SMEM((2, bq), f32),
+      plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
+      plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
+      tuple(plgpu.Barrier(num_barriers=2) for _ in range(4)),
+      plgpu.Barrier(num_barriers=ns),
+      plgpu.Barrier(num_barriers=ns),
+      plgpu.Barrier(num_arrivals=2, num_barriers=ns),
+      plgpu.Barrier(num_arrivals=2, num_barriers=ns),
+  ]
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=scratch,
+      grid=(N, nq_tiles, B),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=_compiler_params(plgpu),
+  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, *lists)
+
+
+def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
+                  lists: Lists, st: _Statics):
+  """dK, dV: per 128-row key tile, over its query list and the GQA group."""
+  pl, plgpu = _gpu_modules()
+  B, T, N, H = q.shape
+  S, KH = k.shape[1], k.shape[2]
+  G = N // KH
+  cfg = st.cfg
+  bk = _META_BLOCK // 2
+  bq, ns = cfg.block_q_dkv, cfg.stages_dkv
+  split = _META_BLOCK // bq
+  nk_tiles = S // _META_BLOCK
+  dtype = q.dtype
+  f32 = jnp.float32
+  ROW = plgpu.Layout.WGMMA.reduce(1)
+  COL = plgpu.Layout.WGMMA.reduce(0)
+  WGMMA = plgpu.Layout.WGMMA
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
+             kvseg_ref, off_ref, blk_ref, nfull_ref, cnt_ref, dk_ref, dv_ref,
+             k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
+             k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar,
+             q_free, do_free, lse_free, delta_free):
+    b = lax.axis_index("batch")
+    kvh = lax.axis_index("heads")
+    kt = lax.axis_index("kv_seq")
+    wg = lax.axis_index("wg")
+
+    def head_lists(g):
+      hq = kvh * G + g
+      bm, hm = _list_index(blk_ref.shape, b, hq)
+      return (hq, bm, hm, nfull_ref[bm, hm, kt] * split,
+              cnt_ref[bm, hm, kt] * split)
+
+    def q_row0(bm, hm, j):
+      blk = blk_ref[bm, hm, kt, lax.div(j, jnp.int32(split))]
+      return blk * _META_BLOCK + lax.rem(j, jnp.int32(split)) * bq
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      k_row0 = kt * _META_BLOCK + wg * bk
+      rows = pl.ds(k_row0, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem, k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem, v_bar.at[wg])
+      offs = (off_ref[0], off_ref[1])
+      kv_seg = None
+      if st.has_segments and st.has_partial:
+        kv_seg = plgpu.load(kvseg_ref.at[b, rows], layout=ROW,
+                            optimized=False)
+      plgpu.barrier_wait(k_bar.at[wg])
+      plgpu.barrier_wait(v_bar.at[wg])
+      zeros = plgpu.layout_cast(jnp.full((bk, H), 0.0, f32), WGMMA)
+
+      def step(j, carry, hq, bm, hm, masked: bool):
+        dk, dv, t = carry
+        slot = lax.rem(t, jnp.int32(ns))
+        plgpu.barrier_wait(q_bar.at[slot])
+
+        def compute_st(acc_ref):
+          plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
+          return acc_ref[...]
+
+        s_t = pl.run_scoped(compute_st, plgpu.ACC((bk, bq), f32))
+        s_t, tanh = _logits(s_t, st)
+        if masked:
+          q0 = q_row0(bm, hm, j)
+          q_seg = None
+          if st.has_segments:
+            q_seg = plgpu.load(qseg_ref.at[b, pl.ds(q0, bq)], layout=COL,
+                               optimized=False)
+          vis = _visible(st, plgpu, (bk, bq), 1, q0, k_row0, offs, hq,
+                         q_seg, kv_seg)
+          s_t = jnp.where(vis, s_t, -jnp.inf)
+        plgpu.barrier_wait(lse_bar.at[slot])
+        lse = plgpu.load(lse_smem.at[slot], layout=COL)
+        plgpu.barrier_arrive(lse_free.at[slot])
+        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+        plgpu.barrier_wait(do_bar.at[slot])
+
+        def compute_dv_dpt(refs):
+          dv_ref, dpt_ref = refs
+          plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
+          plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].T)
+
+        dpt0 = plgpu.layout_cast(jnp.full((bk, bq), 0.0, f32), WGMMA)
+        dv, dp_t = pl.run_state(compute_dv_dpt)(
+            (plgpu.ACC.init(dv), plgpu.ACC.init(dpt0)))
+        plgpu.barrier_arrive(do_free.at[slot])
+        plgpu.barrier_wait(delta_bar.at[slot])
+        delta = plgpu.load(delta_smem.at[slot], layout=COL)
+        plgpu.barrier_arrive(delta_free.at[slot])
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+        if tanh is not None:
+          ds_t = ds_t * (1.0 - tanh * tanh)
+
+        def compute_dk(acc_ref):
+          plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+
+        dk = pl.run_state(compute_dk)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(q_free.at[slot])
+        return dk, dv, t + 1
+
+      def head(g, carry):
+        hq, bm, hm, n_full, n_tot = head_lists(g)
+        body = functools.partial(step, hq=hq, bm=bm, hm=hm)
+        carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False),
+                              carry)
+        if st.has_partial:
+          carry = lax.fori_loop(n_full, n_tot,
+                                functools.partial(body, masked=True), carry)
+        return carry
+
+      dk, dv, _ = lax.fori_loop(0, G, head, (zeros, zeros, jnp.int32(0)))
+      k_smem[...] = (dk * st.scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, kvh],
+                              commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, kvh],
+                              commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def head(g, t):
+        hq, bm, hm, _, n_tot = head_lists(g)
+
+        def issue(j, t):
+          slot = lax.rem(t, jnp.int32(ns))
+          cols = pl.ds(q_row0(bm, hm, j), bq)
+          for src, smem, bar, free in (
+              (q_ref.at[b, cols, hq], q_smem, q_bar, q_free),
+              (lse_ref.at[b, hq, cols], lse_smem, lse_bar, lse_free),
+              (do_ref.at[b, cols, hq], do_smem, do_bar, do_free),
+              (delta_ref.at[b, hq, cols], delta_smem, delta_bar, delta_free)):
+            @pl.when(t >= ns)
+            def _():
+              plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
+            plgpu.copy_gmem_to_smem(src, smem.at[slot], bar.at[slot])
+          return t + 1
+
+        return lax.fori_loop(0, n_tot, issue, t)
+
+      lax.fori_loop(0, G, head, jnp.int32(0))
+
+  tr = _smem_transforms(plgpu)
+  free = lambda: plgpu.Barrier(num_arrivals=2, num_barriers=ns)
+  scratch = [
+      plgpu.SMEM((2, bk, H), dtype, transforms=tr),
+      plgpu.SMEM((2, bk, H), dtype, transforms=tr),
+      plgpu.SMEM((ns, bq, H), dtype, transforms=tr),
+      plgpu.SMEM((ns, bq, H), dtype, transforms=tr),
+      plgpu.SMEM((ns, bq), f32),
+      plgpu.SMEM((ns, bq), f32),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=ns),
+      plgpu.Barrier(num_barriers=ns),
+      plgpu.Barrier(num_barriers=ns),
+      plgpu.Barrier(num_barriers=ns),
+      free(), free(), free(), free(),
+  ]
+  kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+  return plgpu.kernel(
+      kernel,
+      out_type=[kv_type, kv_type],
+      scratch_types=scratch,
+      grid=(KH, nk_tiles, B),
+      grid_names=("heads", "kv_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=_compiler_params(plgpu),
+  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, *lists)
+
+
+# ----------------------------------------------------------------------------
+# Public entry point with a custom VJP.
+# ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=128)
+def _attention_fn(st: _Statics):
+  """custom_vjp attention on block-padded inputs for fixed statics."""
+
+  @jax.custom_vjp
+  def attn(q, k, v, q_seg, kv_seg, offsets, fwd_lists, bwd_lists):
+    del bwd_lists
+    return _forward(q, k, v, q_seg, kv_seg, offsets, fwd_lists, st)
+
+  def attn_fwd(q, k, v, q_seg, kv_seg, offsets, fwd_lists, bwd_lists):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offsets, fwd_lists, st)
+    return (out, lse), (q, k, v, q_seg, kv_seg, offsets, fwd_lists, bwd_lists,
+                        out, lse)
+
+  def attn_bwd(res, cotangents):
+    q, k, v, q_seg, kv_seg, offsets, fwd_lists, bwd_lists, out, lse = res
+    do, dlse = cotangents
+    do = do.astype(q.dtype)
+    # delta_i = sum_j p_ij dp_ij = <o_i, do_i>. A cotangent on lse_i adds
+    # p_ij * dlse_i to ds_ij, i.e. subtracts dlse_i from delta_i.
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32),
+                       do.astype(jnp.float32))
+    delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    # lse in log2 units; +inf on rows that see no key so that p = 0 there.
+    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)
+    args = (q, k, v, do, lse2, delta, q_seg, kv_seg, offsets)
+    dq = _backward_dq(*args, fwd_lists, st)
+    dk, dv = _backward_dkv(*args, bwd_lists, st)
+    nones = lambda tree: jax.tree.map(lambda _: None, tree)
+    return (dq, dk, dv, nones(q_seg), nones(kv_seg), None, nones(fwd_lists),
+            nones(bwd_lists))
+
+  attn.defvjp(attn_fwd, attn_bwd)
+  return attn
+
+
+def _pad_to(x, axis: int, size: int):
+  if x is None or x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def mosaic_attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    pattern: Any,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    config: Config = DEFAULT_CONFIG,
+):
+  """Block-sparse attention on Hopper with the semantics of ``dense_attention``.
+
+  Differentiable in q, k, v (and through ``lse`` when ``return_lse``). Static
+  offsets and no segment ids use cached host metadata; traced offsets or
+  segment ids build the block lists on device.
+  """
+  q, k, v = q_BxTxNxH, k_BxSxKxH, v_BxSxKxH
+  has_segments = q_segment_ids is not None
+  if has_segments != (kv_segment_ids is not None):
+    raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+  if k.shape != v.shape:
+    raise ValueError(f"k{k.shape} and v{v.shape} must have the same shape")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
+                     f"{v.dtype}")
+  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"batch and head_dim of q{q.shape} and k{k.shape} differ")
+  reason = supports(q.shape, k.shape, q.dtype, pattern, has_segments, softcap)
+  if reason is not None:
+    raise ValueError(f"mosaic_attention cannot run this input: {reason}")
+  B, T, N, H = q.shape
+  S = k.shape[1]
+  static = (block_mask.static_int(q_offset) is not None
+            and block_mask.static_int(kv_offset) is not None)
+  if static and not has_segments:
+    meta = block_mask.block_metadata(
+        pattern, T, S, _META_BLOCK, _META_BLOCK, block_mask.static_int(q_offset),
+        block_mask.static_int(kv_offset), N)
+    has_partial = bool((meta.kv_full.sum(-1) < meta.kv_counts).any())
+  else:
+    meta = block_mask.block_metadata_device(
+        pattern, T, S, _META_BLOCK, _META_BLOCK, q_offset, kv_offset, N,
+        q_segment_ids, kv_segment_ids)
+    has_partial = True
+  if has_partial and not pattern.in_kernel_mask:
+    raise ValueError(f"{type(pattern).__name__} has blocks that need an element "
+                     "mask, but its mask is a table lookup the Mosaic kernel "
+                     "cannot evaluate; use the portable kernel")
+  fwd_lists, bwd_lists = _lists(meta)
+  fwd_lists = Lists(*map(jnp.asarray, fwd_lists))
+  bwd_lists = Lists(*map(jnp.asarray, bwd_lists))
+  t_pad = -(-T // _META_BLOCK) * _META_BLOCK
+  s_pad = -(-S // _META_BLOCK) * _META_BLOCK
+  q_p = _pad_to(q, 1, t_pad)
+  k_p, v_p = _pad_to(k, 1, s_pad), _pad_to(v, 1, s_pad)
+  q_seg = kv_seg = None
+  if has_segments:
+    q_seg = _pad_to(q_segment_ids.astype(jnp.int32), 1, t_pad)
+    kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, s_pad)
+  offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32),
+                       jnp.asarray(kv_offset, jnp.int32)])
+  st = _Statics(pattern=pattern, scale=H ** -0.5 if scale is None else float(scale),
+                softcap=None if softcap is None else float(softcap),
+                cfg=config, kv_len=S, has_partial=has_partial,
+                has_segments=has_segments)
+  out, lse = _attention_fn(st)(q_p, k_p, v_p, q_seg, kv_seg, offsets,
+                               fwd_lists, bwd_lists)
+  out, lse = out[:, :T], lse[..., :T]
+  return (out, lse) if return_lse else out

@@ -1,0 +1,314 @@
+"""GPU check and benchmark of the Mosaic GPU attention kernels.
+
+  python -m pallas_kernels.mosaic_check                 # checks + benchmark
+  python -m pallas_kernels.mosaic_check --no-bench      # correctness only
+  python -m pallas_kernels.mosaic_check --lengths 32768 --only causal
+
+Correctness: fresh random inputs against the float32 jnp reference (output,
+lse and gradients, relative Frobenius error). Benchmark: median of device-
+synchronised wall times after warm-up, our kernels beside cuDNN
+(``jax.nn.dot_product_attention(implementation="cudnn")``) where cuDNN has the
+pattern, in effective TFLOP/s: FLOPs of visible (query, key) pairs only,
+forward ``4 * pairs * head_dim``, backward 2.5x forward.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import secrets
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.attention import block_mask
+from lcjax.attention import patterns as P
+from lcjax.attention.reference import dense_attention
+from pallas_kernels import mosaic_attention as ma
+
+
+# ----------------------------------------------------------------------------
+# Correctness.
+# ----------------------------------------------------------------------------
+
+
+def _segments(rng, batch, length):
+  """Random packed-document ids: up to four documents per row."""
+  cuts = np.sort(rng.integers(1, length, size=(batch, 3)), axis=-1)
+  pos = np.arange(length)[None, :, None]
+  return jnp.asarray((pos >= cuts[:, None, :]).sum(-1), jnp.int32)
+
+
+def compare_with_reference(pattern, *, batch=1, q_len=1024, kv_len=1024,
+                           heads=4, kv_heads=2, head_dim=128,
+                           dtype=jnp.bfloat16, segments=False, q_offset=0,
+                           kv_offset=0, softcap=None, traced_offsets=False,
+                           config=ma.DEFAULT_CONFIG, seed=None):
+  """Relative errors {out, lse, dq, dk, dv} of the kernel vs the reference.
+
+  The gradients are of a random linear function of ``out`` and of the finite
+  ``lse`` entries, so the lse cotangent path is checked too. Raises if a
+  result has NaN/inf or the -inf rows of lse differ. Returns (errors, seed).
+  """
+  seed = secrets.randbits(31) if seed is None else seed
+  rng = np.random.default_rng(seed)
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
+  k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
+  v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
+  w_out = jax.random.normal(keys[3], q.shape, jnp.float32)
+  w_lse = jax.random.normal(keys[4], (batch, heads, q_len), jnp.float32)
+  segs = ((_segments(rng, batch, q_len), _segments(rng, batch, kv_len))
+          if segments else (None, None))
+
+  def mosaic(q, k, v, q_off, kv_off):
+    return ma.mosaic_attention(
+        q, k, v, pattern, q_segment_ids=segs[0], kv_segment_ids=segs[1],
+        q_offset=q_off, kv_offset=kv_off, softcap=softcap, return_lse=True,
+        config=config)
+
+  def reference(q, k, v, q_off, kv_off):
+    return dense_attention(
+        q, k, v, pattern, q_segment_ids_BxT=segs[0], kv_segment_ids_BxS=segs[1],
+        q_offset=q_off, kv_offset=kv_off, softcap=softcap)
+
+  def loss(attn, q, k, v, q_off, kv_off):
+    out, lse = attn(q, k, v, q_off, kv_off)
+    lin = jnp.sum(out.astype(jnp.float32) * w_out)
+    lin += jnp.sum(jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0))
+    return lin, (out, lse)
+
+  vg = lambda attn: jax.value_and_grad(
+      lambda *a: loss(attn, *a), argnums=(0, 1, 2), has_aux=True)
+  if traced_offsets:  # offsets as traced scalars: device-side block lists
+    (_, (out, lse)), grads = jax.jit(vg(mosaic))(
+        q, k, v, jnp.int32(q_offset), jnp.int32(kv_offset))
+  else:
+    (_, (out, lse)), grads = jax.jit(
+        lambda *a: vg(mosaic)(*a, q_offset, kv_offset))(q, k, v)
+  f32 = lambda x: x.astype(jnp.float32)
+  (_, (out_r, lse_r)), grads_r = jax.jit(
+      lambda *a: vg(reference)(*a, q_offset, kv_offset))(f32(q), f32(k), f32(v))
+
+  if out.shape != q.shape or out.dtype != q.dtype:
+    raise AssertionError(f"out {out.shape} {out.dtype} vs q {q.shape} {q.dtype}")
+  finite_r = np.isfinite(np.asarray(lse_r))
+  if not np.array_equal(np.isfinite(np.asarray(lse)), finite_r):
+    raise AssertionError(f"seed={seed}: rows with lse=-inf differ")
+  errors = {}
+  for name, x, ref in (
+      ("out", out, out_r),
+      ("lse", jnp.where(finite_r, lse, 0.0), jnp.where(finite_r, lse_r, 0.0)),
+      ("dq", grads[0], grads_r[0]), ("dk", grads[1], grads_r[1]),
+      ("dv", grads[2], grads_r[2])):
+    x, ref = np.asarray(f32(x)), np.asarray(f32(ref))
+    if not np.isfinite(x).all():
+      raise AssertionError(f"seed={seed}: {name} has NaN/inf")
+    errors[name] = float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref),
+                                                       1e-6))
+  return errors, seed
+
+
+# Cases shared with tests/attention/test_mosaic_attention.py.
+CHECK_CASES = {
+    "causal_gqa": dict(pattern=P.Causal(), batch=2),
+    "full_fp16_d64_rect": dict(pattern=P.Full(), q_len=256, kv_len=512,
+                               heads=2, kv_heads=2, head_dim=64,
+                               dtype=jnp.float16),
+    "sinkwindow_mqa_padded": dict(pattern=P.SinkWindow(64, 300), q_len=1000,
+                                  kv_len=1000, kv_heads=1),
+    "strided_aligned_per_head": dict(
+        pattern=P.StridedBlockSparse(block_size=128, stride=4,
+                                     local_blocks=2)),
+    "strided_unaligned": dict(
+        pattern=P.StridedBlockSparse(block_size=64, stride=4, local_blocks=2,
+                                     head_offsets=False)),
+    "per_head_mix": dict(pattern=P.PerHead((P.Causal(), P.SlidingWindow(200),
+                                            P.Full(),
+                                            P.TriShape(32, 100, 700)))),
+    "segments_anchor": dict(pattern=P.Causal() | P.DocumentAnchor(), batch=2,
+                            q_len=768, kv_len=768, segments=True),
+    "softcap_fp16": dict(pattern=P.Causal(), softcap=20.0, dtype=jnp.float16),
+    "chunked_prefill_offsets": dict(pattern=P.Causal(), q_len=256,
+                                    kv_len=1024, q_offset=768),
+    "fully_masked_rows": dict(pattern=P.Causal(), q_len=512, kv_len=512,
+                              kv_offset=300),
+    "traced_offsets_window": dict(pattern=P.SlidingWindow(255), q_len=512,
+                                  kv_len=640, q_offset=512, kv_offset=384,
+                                  traced_offsets=True),
+}
+
+# Relative Frobenius error allowed per dtype (operands rounded to 8 / 11 bits).
+TOLERANCE = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 6e-3}
+
+
+def run_checks(names=None) -> bool:
+  ok = True
+  for name, case in CHECK_CASES.items():
+    if names and name not in names:
+      continue
+    tol = TOLERANCE[jnp.dtype(case.get("dtype", jnp.bfloat16))]
+    t0 = time.perf_counter()
+    try:
+      errors, seed = compare_with_reference(**case)
+      worst = max(errors.values())
+      status = "ok" if worst <= tol else "FAIL"
+      detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+    except Exception as e:  # pylint: disable=broad-except
+      status, seed, worst = "ERROR", -1, float("nan")
+      detail = f"{type(e).__name__}: {str(e)[:400]}"
+    ok &= status == "ok"
+    print(f"check {name:26s} {status:5s} max_rel={worst:.2e} tol={tol:.0e} "
+          f"seed={seed} {time.perf_counter() - t0:.0f}s {detail}", flush=True)
+  return ok
+
+
+# ----------------------------------------------------------------------------
+# Benchmark.
+# ----------------------------------------------------------------------------
+
+
+def time_ms(fn, *args, warmup=2, reps=10) -> float:
+  """Median wall time of ``fn(*args)`` with a device sync after each call."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def _fwd_bwd(attn):
+  def f(q, k, v, do):
+    out, vjp = jax.vjp(attn, q, k, v)
+    return out, vjp(do)
+  return jax.jit(f)
+
+
+def bench_pattern(name, pattern, seq, *, cudnn_kwargs=None, heads=16,
+                  head_dim=128, batch=1, configs=None, reps=10):
+  """Rows {impl, mode, ms, tflops} for one pattern and length.
+
+  ``configs``: {label: Config} of kernel variants (default: the default one).
+  """
+  keys = jax.random.split(jax.random.key(seq), 4)
+  shape = (batch, seq, heads, head_dim)
+  q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
+  pairs = block_mask.visible_count(pattern, seq, seq, heads, block=128)
+  fwd_flops = 4.0 * pairs * head_dim * batch
+  configs = configs or {"mosaic": ma.DEFAULT_CONFIG}
+  impls = {label: (lambda q, k, v, c=c: ma.mosaic_attention(q, k, v, pattern,
+                                                             config=c))
+           for label, c in configs.items()}
+  if cudnn_kwargs is not None:
+    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation="cudnn", **cudnn_kwargs)
+  rows = []
+  for impl, attn in impls.items():
+    for mode, fn, flops in (("fwd", jax.jit(attn), fwd_flops),
+                            ("fwd+bwd", _fwd_bwd(attn), 3.5 * fwd_flops)):
+      args = (q, k, v) if mode == "fwd" else (q, k, v, do)
+      try:
+        ms = time_ms(fn, *args, reps=reps)
+        tf = flops / ms / 1e9
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"  {name} {impl} {mode}: {type(e).__name__}: {str(e)[:300]}")
+        ms = tf = float("nan")
+      rows.append(dict(pattern=name, seq=seq, impl=impl, mode=mode, ms=ms,
+                       tflops=tf, density=pairs / (heads * seq * seq)))
+      print(f"  {name:22s} {seq:6d} {impl:10s} {mode:7s} {ms:9.3f} ms "
+            f"{tf:6.1f} TF/s", flush=True)
+  return rows
+
+
+def bench_cases(lengths):
+  cases = []
+  for seq in lengths:
+    cases.append(("causal", P.Causal(), seq, dict(is_causal=True)))
+    if seq >= 16384:
+      cases.append(("window4096", P.SlidingWindow(4095), seq,
+                    dict(is_causal=True, local_window_size=(4095, 0))))
+      cases.append(("sink128+window4096", P.SinkWindow(128, 4095), seq, None))
+      cases.append(("strided128/16+local4",
+                    P.StridedBlockSparse(block_size=128, stride=16,
+                                         local_blocks=4), seq, None))
+  return cases
+
+
+def print_table(rows):
+  by_key = {(r["pattern"], r["seq"], r["impl"], r["mode"]): r for r in rows}
+  print("\n| pattern | seq | density | impl | mode | ms | TF/s | "
+        "cuDNN ms | cuDNN TF/s | speed vs cuDNN |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    if r["impl"] == "cudnn":
+      continue
+    c = by_key.get((r["pattern"], r["seq"], "cudnn", r["mode"]))
+    c_ms = f"{c['ms']:.3f}" if c else "-"
+    c_tf = f"{c['tflops']:.0f}" if c else "-"
+    ratio = f"{c['ms'] / r['ms']:.2f}" if c else "-"
+    print(f"| {r['pattern']} | {r['seq']} | {r['density']:.3f} | {r['impl']} "
+          f"| {r['mode']} "
+          f"| {r['ms']:.3f} | {r['tflops']:.0f} | {c_ms} | {c_tf} | {ratio} |")
+
+
+def _parse_config(text: str) -> ma.Config:
+  """'stages_dkv=3,block_kv_dq=64' -> Config; 'default' -> DEFAULT_CONFIG."""
+  if text == "default":
+    return ma.DEFAULT_CONFIG
+  fields = {}
+  for item in text.split(","):
+    key, value = item.split("=")
+    fields[key] = type(getattr(ma.DEFAULT_CONFIG, key))(
+        value == "True" if value in ("True", "False") else int(value))
+  return dataclasses.replace(ma.DEFAULT_CONFIG, **fields)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--no-checks", action="store_true")
+  parser.add_argument("--no-bench", action="store_true")
+  parser.add_argument("--checks", nargs="*", default=None,
+                      help="names of CHECK_CASES to run (default all)")
+  parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768])
+  parser.add_argument("--only", nargs="*", default=None,
+                      help="benchmark only these pattern names")
+  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--configs", nargs="*", default=None,
+                      help="kernel variants to time, e.g. 'stages_dkv=3' or "
+                      "'block_kv_dq=64,stages_dq=3' ('default' for the default)")
+  parser.add_argument("--json", default=None, help="write benchmark rows here")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}",
+        flush=True)
+  ok = True
+  if not args.no_checks:
+    ok = run_checks(args.checks)
+  if not args.no_bench:
+    configs = None
+    if args.configs:
+      configs = {c: _parse_config(c) for c in args.configs}
+    rows = []
+    for name, pattern, seq, cudnn_kwargs in bench_cases(args.lengths):
+      if args.only and name not in args.only:
+        continue
+      rows += bench_pattern(name, pattern, seq, cudnn_kwargs=cudnn_kwargs,
+                            configs=configs, reps=args.reps)
+    print_table(rows)
+    path = args.json or (os.path.join(os.environ["OUT"], "mosaic_bench.json")
+                         if os.environ.get("OUT") else None)
+    if path:
+      with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+  if not ok:
+    raise SystemExit("some checks failed")
+
+
+if __name__ == "__main__":
+  main()
