@@ -49,7 +49,7 @@ _SUPPORTED_HEAD_DIMS = (64, 128)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tile sizes. Block lists are always 128x128; kernel tiles split them."""
+  """Tile sizes and CTA scheduling. Block lists are always 128x128."""
   block_q: int = 64          # forward rows per compute warpgroup (2 per CTA)
   block_kv: int = 128        # forward key tile
   stages: int = 2            # forward K/V ring depth
@@ -57,7 +57,15 @@ class Config:
   stages_dq: int = 2
   block_q_dkv: int = 64      # dK/dV kernel query tile (64 keys per warpgroup)
   stages_dkv: int = 2
-  reverse_q_order: bool = True  # launch heavy (late causal) query tiles first
+  # Launch order of the CTAs of every kernel: "heaviest" (longest visit list
+  # first, over all heads and batch rows) or "grid" (the first version's:
+  # head-major, query tiles last-first, key tiles first-first).
+  schedule: str = "heaviest"
+  # dK/dV work splitting: -1 automatic (key tiles whose transposed lists are
+  # far longer than the mean work per SM are split), 0 never, n > 0 split
+  # every list longer than n entries into parts of at most n entries.
+  dkv_split: int = -1
+  num_sms: int = 132         # H100 / H200; only the automatic split uses it
 
   def __post_init__(self):
     if 2 * self.block_q != _META_BLOCK or self.block_kv != _META_BLOCK:
@@ -67,6 +75,14 @@ class Config:
       b = getattr(self, name)
       if b not in (64, 128):
         raise ValueError(f"{name}={b}; allowed: 64, 128")
+    if self.schedule not in ("heaviest", "grid"):
+      raise ValueError(f"schedule={self.schedule!r}; allowed: 'heaviest', "
+                       "'grid'")
+    if self.dkv_split < -1:
+      raise ValueError(f"dkv_split={self.dkv_split}; allowed: -1 (automatic), "
+                       "0 (never) or a positive cap")
+    if self.num_sms < 1:
+      raise ValueError(f"num_sms={self.num_sms} must be positive")
 
 
 DEFAULT_CONFIG = Config()
@@ -102,6 +118,173 @@ def _full_first(blocks, full, count) -> Lists:
 def _lists(meta: block_mask.BlockMetadata) -> tuple[Lists, Lists]:
   return (_full_first(meta.kv_blocks, meta.kv_full, meta.kv_counts),
           _full_first(meta.q_blocks, meta.q_full, meta.q_counts))
+
+
+# ----------------------------------------------------------------------------
+# CTA schedules: which (batch, head, tile) each CTA runs, heaviest first, and
+# the dK/dV work split.
+# ----------------------------------------------------------------------------
+
+# Fixed cost of one CTA (launch, first loads, epilogue) in units of one list
+# entry (a 128x128 block): ~6 us vs ~3.5 us per dK/dV entry on the H100.
+_ITEM_OVERHEAD = 2
+_MIN_PART = 8  # automatic split: no part shorter than this many entries
+
+
+class KvSchedule(NamedTuple):
+  """dK/dV work items (kernel input) and the merge of split key tiles.
+
+  Item ``i`` is ``items[i] = (b, kv head, key tile, start, end, slot)``: the
+  CTA walks entries ``[start, end)`` of the concatenation of the GQA group's
+  transposed lists (query head ``kvh * G + 0``'s list, then ``+ 1``'s, ...)
+  for that key tile. ``slot < 0``: the item is the whole tile and writes dK/dV
+  directly; else it writes float32 partial sums to partial slot ``slot`` =
+  ``tile_index * max_parts + part``, and ``merge_tiles[tile_index]`` names the
+  split tile, ``merge_valid[tile_index, part]`` says which parts exist.
+  Without split tiles both merge arrays are empty and the kernel has no
+  partial outputs.
+  """
+  items: Any        # int32 [n_items, 6]
+  merge_tiles: Any  # int32 [n_split, 3]: b, kv head, key tile
+  merge_valid: Any  # bool  [n_split, max_parts]
+
+
+def _grid_order(shape, reverse_last: bool, xp):
+  """Index arrays (a, tile, b) of ``shape = (A, n, B)`` in the first version's
+  launch order: ``A`` slowest, tiles (reversed if asked), batch fastest."""
+  a, t, b = xp.meshgrid(*(xp.arange(n, dtype=xp.int32) for n in shape),
+                        indexing="ij")
+  if reverse_last:
+    t = shape[1] - 1 - t
+  return a.reshape(-1), t.reshape(-1), b.reshape(-1)
+
+
+def _heaviest_first(work, xp):
+  """Stable permutation that launches CTAs heaviest first, by classes of
+  work within a factor of 2 (``work`` + fixed cost, in entries).
+
+  The classes keep the grid order inside (head-major, neighbouring tiles
+  together), so CTAs running at the same time still share the K/V (or Q/dO)
+  tiles of one head in L2 as in the grid order, while no CTA more than twice
+  as long as another starts after it: a long list cannot start late and run
+  alone at the end (the tail that made the dK/dV kernel of strided and
+  sink+window patterns slow; the grid order launches the last head's heavy
+  tiles last).
+  """
+  fp = work.astype(xp.float32) + _ITEM_OVERHEAD
+  return xp.argsort(-xp.frexp(fp)[1], stable=True)
+
+
+def _row_schedule(counts, batch: int, heads: int, schedule: str):
+  """Forward / dQ launch order: int32 ``[B * N * n, 3]`` rows (b, head, tile).
+
+  ``counts [Bm, Hm, n]``: list lengths per query tile (numpy or jnp); see
+  ``_heaviest_first`` for the ``"heaviest"`` order.
+  """
+  xp = np if isinstance(counts, np.ndarray) else jnp
+  n = counts.shape[-1]
+  h, t, b = _grid_order((heads, n, batch), True, xp)
+  if schedule == "heaviest":
+    order = _heaviest_first(xp.broadcast_to(counts, (batch, heads, n))[b, h, t],
+                            xp)
+    h, t, b = h[order], t[order], b[order]
+  return xp.stack([b, h, t], axis=-1).astype(xp.int32)
+
+
+def _group_counts(counts, batch: int, heads: int, kv_heads: int):
+  """Total transposed-list length per (b, kv head, key tile): ``[B, KH, nk]``."""
+  xp = np if isinstance(counts, np.ndarray) else jnp
+  nk = counts.shape[-1]
+  c = xp.broadcast_to(counts, (batch, heads, nk))
+  return c.reshape(batch, kv_heads, heads // kv_heads, nk).sum(2)
+
+
+def _split_sizes(total, cfg: Config) -> tuple[float, int]:
+  """(threshold, part size): lists longer than the threshold are split.
+
+  Automatic: a list heavier than 3/4 of the mean work per SM would end late
+  even when launched first, so it is cut into parts of at most half the mean
+  (never shorter than ``_MIN_PART`` entries). Lists below the threshold stay
+  whole: splitting costs a float32 partial write and read per part.
+  """
+  if cfg.dkv_split == 0:
+    return math.inf, 0
+  if cfg.dkv_split > 0:
+    return cfg.dkv_split, cfg.dkv_split
+  w = np.asarray(total, np.float64)
+  mean = (w.sum() + w.size * _ITEM_OVERHEAD) / cfg.num_sms
+  return max(_MIN_PART, 0.75 * mean), max(_MIN_PART, int(0.5 * mean))
+
+
+def _kv_schedule(counts, batch: int, heads: int, kv_heads: int,
+                 cfg: Config) -> KvSchedule:
+  """dK/dV work items from transposed-list lengths ``counts [Bm, Hm, nk]``.
+
+  Host (numpy) counts may split long lists; device (traced) counts give one
+  item per key tile (the number of items must be static), ordered only.
+  """
+  xp = np if isinstance(counts, np.ndarray) else jnp
+  total = _group_counts(counts, batch, heads, kv_heads)  # [B, KH, nk]
+  nk = total.shape[-1]
+  kvh, kt, b = _grid_order((kv_heads, nk, batch), False, xp)
+  w = total[b, kvh, kt]
+  threshold, size = (_split_sizes(total, cfg) if xp is np else (math.inf, 0))
+  split = w > threshold
+  if xp is np and split.any():
+    parts = np.where(split, -(-w // max(size, 1)), 1)
+    max_parts = int(parts.max())
+    tile_index = np.cumsum(split) - 1
+    rep = np.repeat(np.arange(w.size), parts)       # item -> tile (grid order)
+    part = np.arange(rep.size) - np.repeat(np.cumsum(parts) - parts, parts)
+    n = parts[rep]
+    start = (part * w[rep]) // n
+    end = ((part + 1) * w[rep]) // n
+    slot = np.where(split[rep], tile_index[rep] * max_parts + part, -1)
+    items = np.stack([b[rep], kvh[rep], kt[rep], start, end, slot], axis=-1)
+    merge_tiles = np.stack([b, kvh, kt], axis=-1)[split]
+    merge_valid = np.arange(max_parts)[None, :] < parts[split][:, None]
+  else:
+    zero = xp.zeros_like(w)
+    items = xp.stack([b, kvh, kt, zero, w, zero - 1], axis=-1)
+    merge_tiles = np.zeros((0, 3), np.int32)
+    merge_valid = np.zeros((0, 1), bool)
+  items = items.astype(xp.int32)
+  if cfg.schedule == "heaviest":
+    items = items[_heaviest_first(items[:, 4] - items[:, 3], xp)]
+  return KvSchedule(items, merge_tiles.astype(np.int32), merge_valid)
+
+
+def _merge_split_tiles(d, partials, sched: KvSchedule):
+  """Writes the sums of the float32 parts of split key tiles into ``d``.
+
+  ``d [B, S, KH, H]`` holds the unsplit tiles (the kernel leaves split tiles
+  unwritten); ``partials [n_split * max_parts, 128, H]``.
+  """
+  n_split, max_parts = sched.merge_valid.shape
+  if n_split == 0:
+    return d
+  B, S, KH, H = d.shape
+  parts = partials.reshape(n_split, max_parts, _META_BLOCK, H)
+  tiles = jnp.where(sched.merge_valid[:, :, None, None], parts, 0.0).sum(1)
+  b, kvh, kt = (sched.merge_tiles[:, i] for i in range(3))
+  d5 = d.reshape(B, S // _META_BLOCK, _META_BLOCK, KH, H)
+  d5 = d5.at[b, kt, :, kvh, :].set(tiles.astype(d.dtype))
+  return d5.reshape(B, S, KH, H)
+
+
+def _item_bounds(start, end, offset, num_full, count):
+  """The part of an item's range ``[start, end)`` (over the concatenated
+  lists of a GQA group) that falls in one head's list, which occupies
+  ``[offset, offset + count)`` and has ``num_full`` FULL entries first.
+
+  Returns ``(lo, mid, hi)`` in entries of that head's list: FULL entries
+  ``[lo, mid)``, PARTIAL entries ``[mid, hi)``. Works on ints and traced
+  int32 scalars (kernel and emulation share it).
+  """
+  lo = jnp.minimum(jnp.maximum(start - offset, 0), count)
+  hi = jnp.minimum(jnp.maximum(end - offset, 0), count)
+  mid = jnp.minimum(jnp.maximum(num_full, lo), hi)
+  return lo, mid, hi
 
 
 # ----------------------------------------------------------------------------
@@ -216,29 +399,29 @@ def _list_index(lists_shape, b, h):
   return bm, hm
 
 
-def _forward(q, k, v, q_seg, kv_seg, offsets, lists: Lists, st: _Statics):
-  """Returns (out [B,T,N,H], lse [B,N,T] float32, natural log)."""
+def _forward(q, k, v, q_seg, kv_seg, offsets, rows, lists: Lists,
+             st: _Statics):
+  """Returns (out [B,T,N,H], lse [B,N,T] float32, natural log).
+
+  One CTA per row of ``rows`` ((b, head, query tile), heaviest first).
+  """
   pl, plgpu = _gpu_modules()
   B, T, N, H = q.shape
   KH = k.shape[2]
   G = N // KH
   cfg = st.cfg
   bq, bk, ns = cfg.block_q, cfg.block_kv, cfg.stages
-  nq_tiles = T // (2 * bq)
   dtype = q.dtype
   f32 = jnp.float32
   ROW = plgpu.Layout.WGMMA.reduce(1)
   COL = plgpu.Layout.WGMMA.reduce(0)
   WGMMA = plgpu.Layout.WGMMA
 
-  def kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, off_ref, blk_ref,
-             nfull_ref, cnt_ref, out_ref, lse_ref, q_smem2, k_smem, v_smem,
-             lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched):
-    b = lax.axis_index("batch")
-    h = lax.axis_index("heads")
-    qt = lax.axis_index("q_seq")
-    if cfg.reverse_q_order:
-      qt = nq_tiles - 1 - qt
+  def kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, off_ref, rows_ref,
+             blk_ref, nfull_ref, cnt_ref, out_ref, lse_ref, q_smem2, k_smem,
+             v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched):
+    item = lax.axis_index("items")
+    b, h, qt = (rows_ref[item, i] for i in range(3))
     wg = lax.axis_index("wg")
     bm, hm = _list_index(blk_ref.shape, b, h)
     n_full = nfull_ref[bm, hm, qt]
@@ -384,17 +567,20 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, lists: Lists, st: _Statics):
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, N, T), f32)],
       scratch_types=scratch,
-      grid=(N, nq_tiles, B),
-      grid_names=("heads", "q_seq", "batch"),
+      grid=(rows.shape[0],),
+      grid_names=("items",),
       num_threads=3,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu),
-  )(q, k, v, q_seg, kv_seg, offsets, *lists)
+  )(q, k, v, q_seg, kv_seg, offsets, rows, *lists)
 
 
-def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
+def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows,
                  lists: Lists, st: _Statics):
-  """dQ: per 128-row query tile, over its key list. Returns dq [B,T,N,H]."""
+  """dQ: per 128-row query tile (rows of ``rows``), over its key list.
+
+  Returns dq [B,T,N,H].
+  """
   pl, plgpu = _gpu_modules()
   B, T, N, H = q.shape
   KH = k.shape[2]
@@ -403,7 +589,6 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
   bq = _META_BLOCK // 2
   bk, ns = cfg.block_kv_dq, cfg.stages_dq
   split = _META_BLOCK // bk
-  nq_tiles = T // _META_BLOCK
   dtype = q.dtype
   f32 = jnp.float32
   ROW = plgpu.Layout.WGMMA.reduce(1)
@@ -411,14 +596,11 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
   WGMMA = plgpu.Layout.WGMMA
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
-             kvseg_ref, off_ref, blk_ref, nfull_ref, cnt_ref, dq_ref,
+             kvseg_ref, off_ref, rows_ref, blk_ref, nfull_ref, cnt_ref, dq_ref,
              q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
              in_bars, k_bar, v_bar, k_free, v_free):
-    b = lax.axis_index("batch")
-    h = lax.axis_index("heads")
-    qt = lax.axis_index("q_seq")
-    if cfg.reverse_q_order:
-      qt = nq_tiles - 1 - qt
+    item = lax.axis_index("items")
+    b, h, qt = (rows_ref[item, i] for i in range(3))
     wg = lax.axis_index("wg")
     bm, hm = _list_index(blk_ref.shape, b, h)
     n_full = nfull_ref[bm, hm, qt] * split
@@ -532,26 +714,33 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=scratch,
-      grid=(N, nq_tiles, B),
-      grid_names=("heads", "q_seq", "batch"),
+      grid=(rows.shape[0],),
+      grid_names=("items",),
       num_threads=3,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu),
-  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, *lists)
+  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, *lists)
 
 
 def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
-                  lists: Lists, st: _Statics):
-  """dK, dV: per 128-row key tile, over its query list and the GQA group."""
+                  lists: Lists, sched: KvSchedule, st: _Statics):
+  """dK, dV per work item of ``sched``: a key tile of 128 rows and a range of
+  its transposed lists over the GQA group's query heads.
+
+  Returns (dk, dv, dk_parts, dv_parts): dk/dv [B,S,KH,H] hold the tiles of
+  unsplit items (split tiles are left unwritten); the parts are float32
+  ``[n_split * max_parts, 128, H]`` partial sums of split tiles, or None when
+  nothing is split (then the kernel has no partial outputs at all).
+  """
   pl, plgpu = _gpu_modules()
   B, T, N, H = q.shape
-  S, KH = k.shape[1], k.shape[2]
+  KH = k.shape[2]
   G = N // KH
   cfg = st.cfg
   bk = _META_BLOCK // 2
   bq, ns = cfg.block_q_dkv, cfg.stages_dkv
   split = _META_BLOCK // bq
-  nk_tiles = S // _META_BLOCK
+  n_slots = int(np.prod(sched.merge_valid.shape))
   dtype = q.dtype
   f32 = jnp.float32
   ROW = plgpu.Layout.WGMMA.reduce(1)
@@ -559,20 +748,24 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
   WGMMA = plgpu.Layout.WGMMA
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
-             kvseg_ref, off_ref, blk_ref, nfull_ref, cnt_ref, dk_ref, dv_ref,
-             k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
-             k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar,
-             q_free, do_free, lse_free, delta_free):
-    b = lax.axis_index("batch")
-    kvh = lax.axis_index("heads")
-    kt = lax.axis_index("kv_seq")
+             kvseg_ref, off_ref, items_ref, blk_ref, nfull_ref, cnt_ref,
+             *outs_and_scratch):
+    if n_slots:
+      dk_ref, dv_ref, dkp_ref, dvp_ref, *scratch = outs_and_scratch
+      part_smem2, *scratch = scratch
+    else:
+      dk_ref, dv_ref, *scratch = outs_and_scratch
+    (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
+     k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar,
+     q_free, do_free, lse_free, delta_free) = scratch
+    item = lax.axis_index("items")
+    b, kvh, kt, start, end, part_slot = (items_ref[item, i] for i in range(6))
     wg = lax.axis_index("wg")
 
     def head_lists(g):
       hq = kvh * G + g
       bm, hm = _list_index(blk_ref.shape, b, hq)
-      return (hq, bm, hm, nfull_ref[bm, hm, kt] * split,
-              cnt_ref[bm, hm, kt] * split)
+      return hq, bm, hm, nfull_ref[bm, hm, kt], cnt_ref[bm, hm, kt]
 
     def q_row0(bm, hm, j):
       blk = blk_ref[bm, hm, kt, lax.div(j, jnp.int32(split))]
@@ -645,32 +838,57 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         return dk, dv, t + 1
 
       def head(g, carry):
+        dk, dv, t, offset = carry
         hq, bm, hm, n_full, n_tot = head_lists(g)
+        lo, mid, hi = _item_bounds(start, end, offset, n_full, n_tot)
         body = functools.partial(step, hq=hq, bm=bm, hm=hm)
-        carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False),
-                              carry)
+        acc = (dk, dv, t)
+        acc = lax.fori_loop(lo * split, mid * split,
+                            functools.partial(body, masked=False), acc)
         if st.has_partial:
-          carry = lax.fori_loop(n_full, n_tot,
-                                functools.partial(body, masked=True), carry)
-        return carry
+          acc = lax.fori_loop(mid * split, hi * split,
+                              functools.partial(body, masked=True), acc)
+        return (*acc, offset + n_tot)
 
-      dk, dv, _ = lax.fori_loop(0, G, head, (zeros, zeros, jnp.int32(0)))
-      k_smem[...] = (dk * st.scale).astype(dtype)
-      v_smem[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, kvh],
-                              commit_group=False)
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, kvh],
-                              commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
-      plgpu.wait_smem_to_gmem(0)
+      dk, dv, _, _ = lax.fori_loop(
+          0, G, head, (zeros, zeros, jnp.int32(0), jnp.int32(0)))
+      dk = dk * st.scale
+
+      def store_tile():
+        k_smem[...] = dk.astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, kvh],
+                                commit_group=False)
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, kvh],
+                                commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+      if not n_slots:
+        store_tile()
+        return
+      pl.when(part_slot < 0)(store_tile)
+
+      @pl.when(part_slot >= 0)
+      def _store_part():  # float32, one staging buffer: dK, then dV
+        part_smem = part_smem2.at[wg]
+        part_rows = pl.ds(wg * bk, bk)
+        for acc, dst in ((dk, dkp_ref), (dv, dvp_ref)):
+          part_smem[...] = acc
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(part_smem, dst.at[part_slot, part_rows])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      def head(g, t):
-        hq, bm, hm, _, n_tot = head_lists(g)
+      def head(g, carry):
+        t, offset = carry
+        hq, bm, hm, n_full, n_tot = head_lists(g)
+        lo, _, hi = _item_bounds(start, end, offset, n_full, n_tot)
 
         def issue(j, t):
           slot = lax.rem(t, jnp.int32(ns))
@@ -686,9 +904,9 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
             plgpu.copy_gmem_to_smem(src, smem.at[slot], bar.at[slot])
           return t + 1
 
-        return lax.fori_loop(0, n_tot, issue, t)
+        return lax.fori_loop(lo * split, hi * split, issue, t), offset + n_tot
 
-      lax.fori_loop(0, G, head, jnp.int32(0))
+      lax.fori_loop(0, G, head, (jnp.int32(0), jnp.int32(0)))
 
   tr = _smem_transforms(plgpu)
   free = lambda: plgpu.Barrier(num_arrivals=2, num_barriers=ns)
@@ -708,16 +926,23 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       free(), free(), free(), free(),
   ]
   kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-  return plgpu.kernel(
+  out_type = [kv_type, kv_type]
+  if n_slots:
+    part_type = jax.ShapeDtypeStruct((n_slots, _META_BLOCK, H), f32)
+    out_type += [part_type, part_type]
+    f32_tr = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+    scratch.insert(0, plgpu.SMEM((2, bk, H), f32, transforms=f32_tr))
+  outs = plgpu.kernel(
       kernel,
-      out_type=[kv_type, kv_type],
+      out_type=out_type,
       scratch_types=scratch,
-      grid=(KH, nk_tiles, B),
-      grid_names=("heads", "kv_seq", "batch"),
+      grid=(sched.items.shape[0],),
+      grid_names=("items",),
       num_threads=3,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu),
-  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, *lists)
+  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, sched.items, *lists)
+  return tuple(outs) if n_slots else (*outs, None, None)
 
 
 # ----------------------------------------------------------------------------
@@ -727,20 +952,26 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
 @functools.lru_cache(maxsize=128)
 def _attention_fn(st: _Statics):
-  """custom_vjp attention on block-padded inputs for fixed statics."""
+  """custom_vjp attention on block-padded inputs for fixed statics.
+
+  ``plan = (fwd_lists, bwd_lists, rows, kv_sched)``: the block lists, the
+  forward / dQ launch order and the dK/dV work items (integer arrays).
+  """
 
   @jax.custom_vjp
-  def attn(q, k, v, q_seg, kv_seg, offsets, fwd_lists, bwd_lists):
-    del bwd_lists
-    return _forward(q, k, v, q_seg, kv_seg, offsets, fwd_lists, st)
+  def attn(q, k, v, q_seg, kv_seg, offsets, plan):
+    fwd_lists, _, rows, _ = plan
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offsets, rows, fwd_lists, st)
+    return out, lse  # a tuple, as attn_fwd returns it (custom_vjp compares)
 
-  def attn_fwd(q, k, v, q_seg, kv_seg, offsets, fwd_lists, bwd_lists):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, offsets, fwd_lists, st)
-    return (out, lse), (q, k, v, q_seg, kv_seg, offsets, fwd_lists, bwd_lists,
-                        out, lse)
+  def attn_fwd(q, k, v, q_seg, kv_seg, offsets, plan):
+    fwd_lists, _, rows, _ = plan
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offsets, rows, fwd_lists, st)
+    return (out, lse), (q, k, v, q_seg, kv_seg, offsets, plan, out, lse)
 
   def attn_bwd(res, cotangents):
-    q, k, v, q_seg, kv_seg, offsets, fwd_lists, bwd_lists, out, lse = res
+    q, k, v, q_seg, kv_seg, offsets, plan, out, lse = res
+    fwd_lists, bwd_lists, rows, kv_sched = plan
     do, dlse = cotangents
     do = do.astype(q.dtype)
     # delta_i = sum_j p_ij dp_ij = <o_i, do_i>. A cotangent on lse_i adds
@@ -751,14 +982,49 @@ def _attention_fn(st: _Statics):
     # lse in log2 units; +inf on rows that see no key so that p = 0 there.
     lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)
     args = (q, k, v, do, lse2, delta, q_seg, kv_seg, offsets)
-    dq = _backward_dq(*args, fwd_lists, st)
-    dk, dv = _backward_dkv(*args, bwd_lists, st)
+    dq = _backward_dq(*args, rows, fwd_lists, st)
+    dk, dv, dk_parts, dv_parts = _backward_dkv(*args, bwd_lists, kv_sched, st)
+    if dk_parts is not None:
+      dk = _merge_split_tiles(dk, dk_parts, kv_sched)
+      dv = _merge_split_tiles(dv, dv_parts, kv_sched)
     nones = lambda tree: jax.tree.map(lambda _: None, tree)
-    return (dq, dk, dv, nones(q_seg), nones(kv_seg), None, nones(fwd_lists),
-            nones(bwd_lists))
+    return (dq, dk, dv, nones(q_seg), nones(kv_seg), None, nones(plan))
 
   attn.defvjp(attn_fwd, attn_bwd)
   return attn
+
+
+# Host tables enter the jitted program as constants, which XLA embeds in the
+# program; above this size the lists are built on device instead (e.g. 128K
+# tokens with per-head strided lists: 64 MiB of transposed lists).
+_MAX_CONSTANT_TABLE_BYTES = 8 << 20
+
+
+def _plan(meta: block_mask.BlockMetadata, batch: int, heads: int,
+          kv_heads: int, cfg: Config):
+  """(forward lists, transposed lists, forward/dQ rows, dK/dV schedule)."""
+  fwd_lists, bwd_lists = _lists(meta)
+  return (fwd_lists, bwd_lists,
+          _row_schedule(fwd_lists.count, batch, heads, cfg.schedule),
+          _kv_schedule(bwd_lists.count, batch, heads, kv_heads, cfg))
+
+
+@functools.lru_cache(maxsize=64)
+def _host_plan(pattern, q_len: int, kv_len: int, q_offset: int,
+               kv_offset: int, batch: int, heads: int, kv_heads: int,
+               cfg: Config):
+  """Numpy plan and has_partial for static offsets, or None if too large."""
+  visit = block_mask.classify_blocks(pattern, q_len, kv_len, _META_BLOCK,
+                                     _META_BLOCK, q_offset, kv_offset,
+                                     heads) > block_mask.SKIP
+  hm, nq, nk = visit.shape
+  widths = max(1, visit.sum(-1).max()), max(1, visit.sum(-2).max())
+  if 5 * hm * (nq * widths[0] + nk * widths[1]) > _MAX_CONSTANT_TABLE_BYTES:
+    return None  # int32 blocks + bool FULL flags per entry
+  meta = block_mask.block_metadata(pattern, q_len, kv_len, _META_BLOCK,
+                                   _META_BLOCK, q_offset, kv_offset, heads)
+  has_partial = bool((meta.kv_full.sum(-1) < meta.kv_counts).any())
+  return _plan(meta, batch, heads, kv_heads, cfg), has_partial
 
 
 def _pad_to(x, axis: int, size: int):
@@ -806,25 +1072,26 @@ def mosaic_attention(
     raise ValueError(f"mosaic_attention cannot run this input: {reason}")
   B, T, N, H = q.shape
   S = k.shape[1]
-  static = (block_mask.static_int(q_offset) is not None
-            and block_mask.static_int(kv_offset) is not None)
-  if static and not has_segments:
-    meta = block_mask.block_metadata(
-        pattern, T, S, _META_BLOCK, _META_BLOCK, block_mask.static_int(q_offset),
-        block_mask.static_int(kv_offset), N)
-    has_partial = bool((meta.kv_full.sum(-1) < meta.kv_counts).any())
+  KH = k.shape[2]
+  q_off, kv_off = block_mask.static_int(q_offset), block_mask.static_int(kv_offset)
+  host = None
+  if q_off is not None and kv_off is not None and not has_segments:
+    host = _host_plan(pattern, T, S, q_off, kv_off, B, N, KH, config)
+  if host is not None:
+    plan, has_partial = host
   else:
+    # Traced offsets or segment ids: lists built on device. Static offsets
+    # without segments come here only when the tables are too large to embed;
+    # exact=False then classifies on device too (no host constant).
     meta = block_mask.block_metadata_device(
         pattern, T, S, _META_BLOCK, _META_BLOCK, q_offset, kv_offset, N,
-        q_segment_ids, kv_segment_ids)
-    has_partial = True
+        q_segment_ids, kv_segment_ids, exact=has_segments)
+    plan, has_partial = _plan(meta, B, N, KH, config), True
   if has_partial and not pattern.in_kernel_mask:
     raise ValueError(f"{type(pattern).__name__} has blocks that need an element "
                      "mask, but its mask is a table lookup the Mosaic kernel "
                      "cannot evaluate; use the portable kernel")
-  fwd_lists, bwd_lists = _lists(meta)
-  fwd_lists = Lists(*map(jnp.asarray, fwd_lists))
-  bwd_lists = Lists(*map(jnp.asarray, bwd_lists))
+  plan = jax.tree.map(jnp.asarray, plan)
   t_pad = -(-T // _META_BLOCK) * _META_BLOCK
   s_pad = -(-S // _META_BLOCK) * _META_BLOCK
   q_p = _pad_to(q, 1, t_pad)
@@ -839,7 +1106,6 @@ def mosaic_attention(
                 softcap=None if softcap is None else float(softcap),
                 cfg=config, kv_len=S, has_partial=has_partial,
                 has_segments=has_segments)
-  out, lse = _attention_fn(st)(q_p, k_p, v_p, q_seg, kv_seg, offsets,
-                               fwd_lists, bwd_lists)
+  out, lse = _attention_fn(st)(q_p, k_p, v_p, q_seg, kv_seg, offsets, plan)
   out, lse = out[:, :T], lse[..., :T]
   return (out, lse) if return_lse else out

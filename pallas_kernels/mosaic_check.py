@@ -1,21 +1,25 @@
-"""GPU check and benchmark of the Mosaic GPU attention kernels.
+"""GPU check and benchmark of the Mosaic GPU attention kernels, one process.
 
-  python -m pallas_kernels.mosaic_check                 # checks + benchmark
-  python -m pallas_kernels.mosaic_check --no-bench      # correctness only
-  python -m pallas_kernels.mosaic_check --lengths 32768 --only causal
+  python -m pallas_kernels.mosaic_check --deadline-s 370   # the one-call run
+  python -m pallas_kernels.mosaic_check --no-bench          # correctness only
+  python -m pallas_kernels.mosaic_check --no-checks --lengths 32768 --only causal
 
 Correctness: fresh random inputs against the float32 jnp reference (output,
-lse and gradients, relative Frobenius error). Benchmark: median of device-
-synchronised wall times after warm-up, our kernels beside cuDNN
+lse and gradients, relative Frobenius error), including cases that force the
+dK/dV work split. Benchmark: median of device-synchronised wall times after
+warm-up; our kernel (default config, and ``v1`` = the first version's launch
+order without split, as the baseline in the same process) beside cuDNN
 (``jax.nn.dot_product_attention(implementation="cudnn")``) where cuDNN has the
 pattern, in effective TFLOP/s: FLOPs of visible (query, key) pairs only,
-forward ``4 * pairs * head_dim``, backward 2.5x forward.
+forward ``4 * pairs * head_dim``, fwd+bwd 3.5x forward. ``--deadline-s`` skips
+what would not finish in time and still prints the table last.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import secrets
 import statistics
@@ -113,43 +117,73 @@ def compare_with_reference(pattern, *, batch=1, q_len=1024, kv_len=1024,
   return errors, seed
 
 
-# Cases shared with tests/attention/test_mosaic_attention.py.
+_SPLIT2 = dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=2)
+
+# Cases shared with tests/attention/test_mosaic_attention.py, most telling
+# first (a deadline cuts the list from the end).
 CHECK_CASES = {
+    "strided_split_per_head": dict(
+        pattern=P.StridedBlockSparse(block_size=128, stride=4,
+                                     local_blocks=2), config=_SPLIT2),
+    "sinkwindow_gqa_split_padded": dict(pattern=P.SinkWindow(64, 300),
+                                        q_len=1000, kv_len=1000, heads=8,
+                                        kv_heads=2, config=_SPLIT2),
+    "causal_mqa_auto_split": dict(pattern=P.Causal(), q_len=2048,
+                                  kv_len=2048, heads=8, kv_heads=1),
     "causal_gqa": dict(pattern=P.Causal(), batch=2),
-    "full_fp16_d64_rect": dict(pattern=P.Full(), q_len=256, kv_len=512,
-                               heads=2, kv_heads=2, head_dim=64,
-                               dtype=jnp.float16),
+    "fully_masked_rows": dict(pattern=P.Causal(), q_len=512, kv_len=512,
+                              kv_offset=300, config=_SPLIT2),
+    "traced_offsets_window": dict(pattern=P.SlidingWindow(255), q_len=512,
+                                  kv_len=640, q_offset=512, kv_offset=384,
+                                  traced_offsets=True),
     "sinkwindow_mqa_padded": dict(pattern=P.SinkWindow(64, 300), q_len=1000,
                                   kv_len=1000, kv_heads=1),
     "strided_aligned_per_head": dict(
         pattern=P.StridedBlockSparse(block_size=128, stride=4,
                                      local_blocks=2)),
-    "strided_unaligned": dict(
-        pattern=P.StridedBlockSparse(block_size=64, stride=4, local_blocks=2,
-                                     head_offsets=False)),
     "per_head_mix": dict(pattern=P.PerHead((P.Causal(), P.SlidingWindow(200),
                                             P.Full(),
                                             P.TriShape(32, 100, 700)))),
     "segments_anchor": dict(pattern=P.Causal() | P.DocumentAnchor(), batch=2,
                             q_len=768, kv_len=768, segments=True),
+    "strided_unaligned": dict(
+        pattern=P.StridedBlockSparse(block_size=64, stride=4, local_blocks=2,
+                                     head_offsets=False)),
+    "full_fp16_d64_rect": dict(pattern=P.Full(), q_len=256, kv_len=512,
+                               heads=2, kv_heads=2, head_dim=64,
+                               dtype=jnp.float16,
+                               config=dataclasses.replace(ma.DEFAULT_CONFIG,
+                                                          dkv_split=1)),
     "softcap_fp16": dict(pattern=P.Causal(), softcap=20.0, dtype=jnp.float16),
     "chunked_prefill_offsets": dict(pattern=P.Causal(), q_len=256,
                                     kv_len=1024, q_offset=768),
-    "fully_masked_rows": dict(pattern=P.Causal(), q_len=512, kv_len=512,
-                              kv_offset=300),
-    "traced_offsets_window": dict(pattern=P.SlidingWindow(255), q_len=512,
-                                  kv_len=640, q_offset=512, kv_offset=384,
-                                  traced_offsets=True),
 }
 
 # Relative Frobenius error allowed per dtype (operands rounded to 8 / 11 bits).
 TOLERANCE = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 6e-3}
 
 
-def run_checks(names=None) -> bool:
+class Deadline:
+  """Seconds left of a budget (None: unlimited), counted from construction."""
+
+  def __init__(self, seconds: float | None):
+    self.end = None if not seconds else time.perf_counter() + seconds
+
+  def left(self) -> float:
+    return math.inf if self.end is None else self.end - time.perf_counter()
+
+
+def run_checks(names=None, deadline: Deadline | None = None,
+               reserve_s: float = 0.0) -> bool:
+  """Runs CHECK_CASES (or ``names``); stops starting new ones when fewer
+  than ``reserve_s`` seconds are left."""
   ok = True
+  deadline = deadline or Deadline(None)
   for name, case in CHECK_CASES.items():
     if names and name not in names:
+      continue
+    if deadline.left() < reserve_s:
+      print(f"check {name:28s} SKIP  (deadline)", flush=True)
       continue
     tol = TOLERANCE[jnp.dtype(case.get("dtype", jnp.bfloat16))]
     t0 = time.perf_counter()
@@ -162,7 +196,7 @@ def run_checks(names=None) -> bool:
       status, seed, worst = "ERROR", -1, float("nan")
       detail = f"{type(e).__name__}: {str(e)[:400]}"
     ok &= status == "ok"
-    print(f"check {name:26s} {status:5s} max_rel={worst:.2e} tol={tol:.0e} "
+    print(f"check {name:28s} {status:5s} max_rel={worst:.2e} tol={tol:.0e} "
           f"seed={seed} {time.perf_counter() - t0:.0f}s {detail}", flush=True)
   return ok
 
@@ -191,29 +225,54 @@ def _fwd_bwd(attn):
   return jax.jit(f)
 
 
-def bench_pattern(name, pattern, seq, *, cudnn_kwargs=None, heads=16,
-                  head_dim=128, batch=1, configs=None, reps=10):
-  """Rows {impl, mode, ms, tflops} for one pattern and length.
+# Kernel variants: the default, and the first version's CTA order without the
+# dK/dV split (the baseline of the load-balancing change).
+VARIANTS = {
+    "mosaic": ma.DEFAULT_CONFIG,
+    "v1": dataclasses.replace(ma.DEFAULT_CONFIG, schedule="grid", dkv_split=0),
+    "split16": dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=16),
+}
 
-  ``configs``: {label: Config} of kernel variants (default: the default one).
+
+def bench_pattern(name, pattern, seq, *, cudnn_kwargs=None, heads=16,
+                  kv_heads=16, head_dim=128, batch=1, impls=("mosaic",),
+                  configs=None, reps=10, deadline: Deadline | None = None,
+                  reserve_s: float = 0.0):
+  """Rows {pattern, seq, impl, mode, ms, tflops, density} for one case.
+
+  ``impls``: names of VARIANTS and/or "cudnn" (needs ``cudnn_kwargs``), timed
+  in this order; ``configs`` ({label: Config}) replaces the variants. An
+  implementation is skipped when fewer than ``reserve_s`` seconds are left.
   """
+  deadline = deadline or Deadline(None)
   keys = jax.random.split(jax.random.key(seq), 4)
   shape = (batch, seq, heads, head_dim)
-  q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
+  kv_shape = (batch, seq, kv_heads, head_dim)
+  q, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys[::3])
+  k, v = (jax.random.normal(kk, kv_shape, jnp.bfloat16) for kk in keys[1:3])
   pairs = block_mask.visible_count(pattern, seq, seq, heads, block=128)
   fwd_flops = 4.0 * pairs * head_dim * batch
-  configs = configs or {"mosaic": ma.DEFAULT_CONFIG}
-  impls = {label: (lambda q, k, v, c=c: ma.mosaic_attention(q, k, v, pattern,
-                                                             config=c))
-           for label, c in configs.items()}
+  if configs is None:
+    configs = {i: VARIANTS[i] for i in impls if i != "cudnn"}
+    order = [i for i in impls if i in configs or cudnn_kwargs is not None]
+  else:
+    order = list(configs) + (["cudnn"] if "cudnn" in impls else [])
+  fns = {label: (lambda q, k, v, c=c: ma.mosaic_attention(q, k, v, pattern,
+                                                           config=c))
+         for label, c in configs.items()}
   if cudnn_kwargs is not None:
-    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+    fns["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, implementation="cudnn", **cudnn_kwargs)
   rows = []
-  for impl, attn in impls.items():
+  for impl in order:
+    attn = fns[impl]
+    if deadline.left() < reserve_s:
+      print(f"  {name} {seq} {impl}: skipped (deadline)", flush=True)
+      continue
     for mode, fn, flops in (("fwd", jax.jit(attn), fwd_flops),
                             ("fwd+bwd", _fwd_bwd(attn), 3.5 * fwd_flops)):
       args = (q, k, v) if mode == "fwd" else (q, k, v, do)
+      t0 = time.perf_counter()
       try:
         ms = time_ms(fn, *args, reps=reps)
         tf = flops / ms / 1e9
@@ -222,51 +281,85 @@ def bench_pattern(name, pattern, seq, *, cudnn_kwargs=None, heads=16,
         ms = tf = float("nan")
       rows.append(dict(pattern=name, seq=seq, impl=impl, mode=mode, ms=ms,
                        tflops=tf, density=pairs / (heads * seq * seq)))
-      print(f"  {name:22s} {seq:6d} {impl:10s} {mode:7s} {ms:9.3f} ms "
-            f"{tf:6.1f} TF/s", flush=True)
+      print(f"  {name:18s} {seq:6d} {impl:8s} {mode:7s} {ms:9.3f} ms "
+            f"{tf:6.1f} TF/s  ({time.perf_counter() - t0:.0f}s incl. "
+            "compile)", flush=True)
   return rows
 
 
-def bench_cases(lengths):
+SINK_WINDOW = P.SinkWindow(64, 4095)
+STRIDED = P.StridedBlockSparse(block_size=128, stride=16, local_blocks=1)
+
+
+def bench_cases(lengths, long_lengths=()):
+  """(name, pattern, seq, kv heads, cudnn kwargs or None, impls), most
+  telling first (a deadline cuts from the end).
+
+  The patterns of ``lcjax.bench.attention`` (sink 64 + window 4096; strided
+  blocks of 128, stride 16, one local block, per-head offsets), so numbers
+  compare with docs/performance.md; plus sink+window with 8 query heads per
+  kv head, where the sink column of a GQA group needs the split.
+  """
+  causal = dict(is_causal=True)
+  window = dict(is_causal=True, local_window_size=(4095, 0))
   cases = []
   for seq in lengths:
-    cases.append(("causal", P.Causal(), seq, dict(is_causal=True)))
-    if seq >= 16384:
-      cases.append(("window4096", P.SlidingWindow(4095), seq,
-                    dict(is_causal=True, local_window_size=(4095, 0))))
-      cases.append(("sink128+window4096", P.SinkWindow(128, 4095), seq, None))
-      cases.append(("strided128/16+local4",
-                    P.StridedBlockSparse(block_size=128, stride=16,
-                                         local_blocks=4), seq, None))
+    cases += [
+        ("strided_1/16", STRIDED, seq, 16, None, ("mosaic", "v1", "split16")),
+        ("sink64+window4096", SINK_WINDOW, seq, 16, None, ("mosaic", "v1")),
+        ("causal", P.Causal(), seq, 16, causal, ("mosaic", "cudnn", "v1")),
+        ("window4096", P.SlidingWindow(4095), seq, 16, window,
+         ("mosaic", "cudnn", "v1")),
+        ("sink+window_gqa8", SINK_WINDOW, seq, 2, None, ("mosaic", "v1")),
+    ]
+  for seq in long_lengths:
+    cases += [("sink64+window4096", SINK_WINDOW, seq, 16, None, ("mosaic",)),
+              ("strided_1/16", STRIDED, seq, 16, None, ("mosaic",))]
   return cases
 
 
 def print_table(rows):
+  """Markdown table: each variant beside cuDNN and the v1 baseline."""
   by_key = {(r["pattern"], r["seq"], r["impl"], r["mode"]): r for r in rows}
-  print("\n| pattern | seq | density | impl | mode | ms | TF/s | "
-        "cuDNN ms | cuDNN TF/s | speed vs cuDNN |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("\n| pattern | seq | density | impl | mode | ms | TF/s | v1 ms | "
+        "speed vs v1 | cuDNN ms | speed vs cuDNN |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     if r["impl"] == "cudnn":
       continue
-    c = by_key.get((r["pattern"], r["seq"], "cudnn", r["mode"]))
-    c_ms = f"{c['ms']:.3f}" if c else "-"
-    c_tf = f"{c['tflops']:.0f}" if c else "-"
-    ratio = f"{c['ms'] / r['ms']:.2f}" if c else "-"
+    ref = {name: by_key.get((r["pattern"], r["seq"], name, r["mode"]))
+           for name in ("v1", "cudnn")}
+    cells = []
+    for name in ("v1", "cudnn"):
+      c = ref[name]
+      if c is None or name == r["impl"]:
+        cells += ["-", "-"]
+      else:
+        cells += [f"{c['ms']:.3f}", f"{c['ms'] / r['ms']:.2f}"]
     print(f"| {r['pattern']} | {r['seq']} | {r['density']:.3f} | {r['impl']} "
-          f"| {r['mode']} "
-          f"| {r['ms']:.3f} | {r['tflops']:.0f} | {c_ms} | {c_tf} | {ratio} |")
+          f"| {r['mode']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+          + " | ".join(cells) + " |")
+  for impl in ("mosaic", "v1"):
+    for seq in sorted({r["seq"] for r in rows}):
+      dense = by_key.get(("causal", seq, impl, "fwd+bwd"))
+      sparse = by_key.get(("strided_1/16", seq, impl, "fwd+bwd"))
+      if dense and sparse:
+        print(f"{impl} {seq}: strided 1/16 (density {sparse['density']:.3f}) "
+              f"fwd+bwd is {dense['ms'] / sparse['ms']:.1f}x faster than "
+              "causal (target >= 10x)")
 
 
 def _parse_config(text: str) -> ma.Config:
-  """'stages_dkv=3,block_kv_dq=64' -> Config; 'default' -> DEFAULT_CONFIG."""
+  """'v1' / 'mosaic' / 'split16' or 'stages_dkv=3,dkv_split=8' -> Config."""
+  if text in VARIANTS:
+    return VARIANTS[text]
   if text == "default":
     return ma.DEFAULT_CONFIG
   fields = {}
   for item in text.split(","):
     key, value = item.split("=")
-    fields[key] = type(getattr(ma.DEFAULT_CONFIG, key))(
-        value == "True" if value in ("True", "False") else int(value))
+    kind = type(getattr(ma.DEFAULT_CONFIG, key))
+    fields[key] = value if kind is str else kind(int(value))
   return dataclasses.replace(ma.DEFAULT_CONFIG, **fields)
 
 
@@ -276,36 +369,48 @@ def main():
   parser.add_argument("--no-bench", action="store_true")
   parser.add_argument("--checks", nargs="*", default=None,
                       help="names of CHECK_CASES to run (default all)")
-  parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768])
+  parser.add_argument("--lengths", type=int, nargs="*", default=[32768])
+  parser.add_argument("--long-lengths", type=int, nargs="*", default=[131072],
+                      help="lengths for sink+window and strided only")
   parser.add_argument("--only", nargs="*", default=None,
                       help="benchmark only these pattern names")
-  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--configs", nargs="*", default=None,
-                      help="kernel variants to time, e.g. 'stages_dkv=3' or "
-                      "'block_kv_dq=64,stages_dq=3' ('default' for the default)")
+                      help="kernel variants to time instead of each case's: "
+                      "names of VARIANTS or 'key=value,...' Config fields")
+  parser.add_argument("--deadline-s", type=float, default=0.0,
+                      help="time budget of the whole run (0: none)")
   parser.add_argument("--json", default=None, help="write benchmark rows here")
   args = parser.parse_args()
+  deadline = Deadline(args.deadline_s)
   print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}",
         flush=True)
   ok = True
   if not args.no_checks:
-    ok = run_checks(args.checks)
+    # Leave most of a budget to the benchmark.
+    ok = run_checks(args.checks, deadline,
+                    reserve_s=0.0 if args.no_bench else 0.55 * deadline.left())
+  rows = []
   if not args.no_bench:
-    configs = None
-    if args.configs:
-      configs = {c: _parse_config(c) for c in args.configs}
-    rows = []
-    for name, pattern, seq, cudnn_kwargs in bench_cases(args.lengths):
+    for name, pattern, seq, kv_heads, cudnn_kwargs, impls in bench_cases(
+        args.lengths, args.long_lengths):
       if args.only and name not in args.only:
         continue
+      configs = None
+      if args.configs:
+        configs = {c: _parse_config(c) for c in args.configs}
       rows += bench_pattern(name, pattern, seq, cudnn_kwargs=cudnn_kwargs,
-                            configs=configs, reps=args.reps)
-    print_table(rows)
+                            kv_heads=kv_heads, impls=impls, configs=configs,
+                            reps=args.reps, deadline=deadline,
+                            reserve_s=60.0 if seq > 65536 else 25.0)
     path = args.json or (os.path.join(os.environ["OUT"], "mosaic_bench.json")
                          if os.environ.get("OUT") else None)
     if path:
       with open(path, "w") as f:
         json.dump(rows, f, indent=1)
+  print(f"checks: {'all ok' if ok else 'SOME FAILED (see above)'}")
+  if rows:
+    print_table(rows)
   if not ok:
     raise SystemExit("some checks failed")
 

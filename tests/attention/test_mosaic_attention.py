@@ -1,21 +1,37 @@
 """Mosaic GPU (Hopper) attention kernels against the float32 jnp reference.
 
-GPU only: skipped unless the default device is a Hopper GPU. On the H100:
+Two kinds of tests:
 
-  JAX_PLATFORMS=cuda python -m pytest -q tests/attention/test_mosaic_attention.py
+* GPU (skipped unless the default device is a Hopper GPU): the real kernels on
+  fresh random inputs, every case of ``pallas_kernels.mosaic_check``:
 
-(``tests/conftest.py`` defaults JAX_PLATFORMS to cpu.) Every case draws fresh
-random inputs (the seed is in the failure message) and compares output, lse and
-the gradients of a random linear loss on both with the reference; see
-``pallas_kernels.mosaic_check.compare_with_reference``.
+    JAX_PLATFORMS=cuda python -m pytest -q tests/attention/test_mosaic_attention.py
+
+  (``tests/conftest.py`` defaults JAX_PLATFORMS to cpu.)
+* CPU: everything around the kernels (block lists, launch order, the dK/dV
+  work split and the merge of split key tiles, padding, offsets, lse/delta
+  algebra) with the three kernels replaced by a numpy emulation that walks the
+  same lists and work items step by step as the kernels do (64-row steps,
+  FULL entries unmasked, PARTIAL entries masked, per-item ranges over the GQA
+  group). Outputs start as NaN, so anything a kernel leaves unwritten shows.
+  float32 inputs, so the tolerance is tight. The kernel bodies themselves are
+  only checked on the GPU; ``test_kernels_lower_for_cuda`` lowers them on CPU
+  where jax >= 0.11 is installed.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from lcjax.attention import block_mask
 from lcjax.attention import patterns as P
+from pallas_kernels import mosaic_attention as ma
+from pallas_kernels import mosaic_check
 
 
 def _is_hopper() -> bool:
@@ -24,18 +40,18 @@ def _is_hopper() -> bool:
           and str(getattr(dev, "compute_capability", "")).startswith("9"))
 
 
-pytestmark = pytest.mark.skipif(not _is_hopper(),
-                                reason="Mosaic GPU kernels need a Hopper GPU")
+hopper_only = pytest.mark.skipif(not _is_hopper(),
+                                 reason="Mosaic GPU kernels need a Hopper GPU")
 
 
-def _case_names():
-  from pallas_kernels import mosaic_check  # pylint: disable=g-import-not-at-top
-  return sorted(mosaic_check.CHECK_CASES)
+# ----------------------------------------------------------------------------
+# GPU: the real kernels.
+# ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", _case_names())
+@hopper_only
+@pytest.mark.parametrize("name", sorted(mosaic_check.CHECK_CASES))
 def test_matches_reference(name):
-  from pallas_kernels import mosaic_check  # pylint: disable=g-import-not-at-top
   case = mosaic_check.CHECK_CASES[name]
   tol = mosaic_check.TOLERANCE[jnp.dtype(case.get("dtype", jnp.bfloat16))]
   errors, seed = mosaic_check.compare_with_reference(**case)
@@ -44,26 +60,427 @@ def test_matches_reference(name):
   assert not bad, f"{name} seed={seed}: relative errors above {tol}: {bad}"
 
 
+@hopper_only
 def test_supports_gives_reasons():
-  from pallas_kernels.mosaic_attention import supports  # pylint: disable=g-import-not-at-top
   args = (P.Causal(), False, None)
-  assert supports((1, 256, 4, 128), (1, 256, 2, 128), jnp.bfloat16, *args) is None
-  assert "head_dim 96" in supports((1, 256, 4, 96), (1, 256, 4, 96),
+  assert ma.supports((1, 256, 4, 128), (1, 256, 2, 128), jnp.bfloat16,
+                     *args) is None
+  assert "head_dim 96" in ma.supports((1, 256, 4, 96), (1, 256, 4, 96),
+                                      jnp.bfloat16, *args)
+  assert "float32" in ma.supports((1, 256, 4, 128), (1, 256, 4, 128),
+                                  jnp.float32, *args)
+  assert "multiple" in ma.supports((1, 256, 6, 128), (1, 256, 4, 128),
                                    jnp.bfloat16, *args)
-  assert "float32" in supports((1, 256, 4, 128), (1, 256, 4, 128),
-                               jnp.float32, *args)
-  assert "multiple" in supports((1, 256, 6, 128), (1, 256, 4, 128),
-                                jnp.bfloat16, *args)
 
 
+@hopper_only
 def test_mosaic_gradient_under_jit_matches_eager():
   """The custom VJP traces under jit (block lists are static constants)."""
-  from pallas_kernels.mosaic_attention import mosaic_attention  # pylint: disable=g-import-not-at-top
   keys = jax.random.split(jax.random.key(7), 3)
-  q, k, v = (jax.random.normal(kk, (1, 384, 2, 64), jnp.bfloat16) for kk in keys)
-  f = lambda q, k, v: mosaic_attention(q, k, v, P.SlidingWindow(100)).astype(
+  q, k, v = (jax.random.normal(kk, (1, 384, 2, 64), jnp.bfloat16)
+             for kk in keys)
+  f = lambda q, k, v: ma.mosaic_attention(q, k, v, P.SlidingWindow(100)).astype(
       jnp.float32).sum()
   g_eager = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
   g_jit = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(g_eager, g_jit):
     assert jnp.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# CPU: numpy emulation of the three kernels over the same lists and items.
+# ----------------------------------------------------------------------------
+
+_BLK = ma._META_BLOCK  # pylint: disable=protected-access
+
+
+def _host_call(fn, out_shapes, *args):
+  """``fn`` on numpy arrays through ``jax.pure_callback`` (None args kept)."""
+  present = [a is not None for a in args]
+
+  def host(*arrays):
+    it = iter(arrays)
+    return fn(*(np.asarray(next(it)) if p else None for p in present))
+
+  return jax.pure_callback(host, out_shapes,
+                           *(a for a in args if a is not None))
+
+
+def _logits(s, st):
+  """Kernel logits in log2 units, and tanh for the soft-cap VJP."""
+  if st.softcap is None:
+    return s * (st.scale * math.log2(math.e)), None
+  t = np.tanh(s * (st.scale / st.softcap))
+  return t * (st.softcap * math.log2(math.e)), t
+
+
+def _visible(st, q_loc, k_loc, offsets, head, q_seg, kv_seg):
+  """Like the kernels' mask: pattern on absolute positions, segments, padding."""
+  q_pos, k_pos = q_loc + offsets[0], k_loc + offsets[1]
+  vis = np.asarray(st.pattern.mask(q_pos, k_pos, head))
+  if st.has_segments:
+    same = q_seg == kv_seg
+    if st.pattern.has_segment_exemptions:
+      same = same | np.asarray(st.pattern.segment_exempt(q_pos, k_pos, head))
+    vis = vis & same
+  return vis & (k_loc < st.kv_len)
+
+
+def _index(shape, b, h):
+  return (b if shape[0] > 1 else 0, h if shape[1] > 1 else 0)
+
+
+def _seg(seg, b, idx):
+  return None if seg is None else seg[b, idx]
+
+
+def _emu_forward(q, k, v, q_seg, kv_seg, offsets, rows, lists, st):
+  """Forward kernel: per scheduled (b, head, query tile) the online softmax
+  over its list (both 64-row warpgroups at once; they share the list)."""
+
+  def run(q, k, v, q_seg, kv_seg, offsets, rows, blocks, num_full, count):
+    B, T, N, H = q.shape
+    G = N // k.shape[2]
+    out = np.full(q.shape, np.nan, q.dtype)
+    lse = np.full((B, N, T), np.nan, np.float32)
+    seen = np.zeros((B, N, T // _BLK), int)
+    for b, h, qt in rows:
+      seen[b, h, qt] += 1
+      bm, hm = _index(blocks.shape, b, h)
+      r = qt * _BLK + np.arange(_BLK)
+      m = np.full(_BLK, -np.inf, np.float32)
+      l = np.zeros(_BLK, np.float32)
+      acc = np.zeros((_BLK, H), np.float32)
+      for t in range(count[bm, hm, qt]):
+        masked = t >= num_full[bm, hm, qt]
+        c = blocks[bm, hm, qt, t] * _BLK + np.arange(_BLK)
+        s, _ = _logits(q[b, r, h] @ k[b, c, h // G].T, st)
+        if masked:
+          vis = _visible(st, r[:, None], c[None, :], offsets, h,
+                         _seg(q_seg, b, r)[:, None] if st.has_segments else None,
+                         _seg(kv_seg, b, c)[None, :] if st.has_segments else None)
+          s = np.where(vis, s, -np.inf)
+        m_new = np.maximum(m, s.max(1))
+        m_sub = np.where(m_new == -np.inf, 0.0, m_new) if masked else m_new
+        alpha = np.exp2(m - m_sub)
+        p = np.exp2(s - m_sub[:, None])
+        acc = acc * alpha[:, None] + p @ v[b, c, h // G]
+        l = l * alpha + p.sum(1)
+        m = m_new
+      empty = l == 0
+      l_safe = np.where(empty, 1.0, l)
+      out[b, r, h] = acc / l_safe[:, None]
+      lse[b, h, r] = np.where(empty, -np.inf, m * math.log(2) + np.log(l_safe))
+    assert (seen == 1).all(), "forward schedule must run every tile once"
+    return out, lse
+
+  B, T, N, _ = q.shape
+  shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, N, T), jnp.float32))
+  return _host_call(run, shapes, q, k, v, q_seg, kv_seg, offsets, rows, *lists)
+
+
+def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
+  """dQ kernel: per scheduled query tile, its list in key steps of
+  ``block_kv_dq`` (the kernel's index arithmetic), 128 rows at once."""
+  bk = st.cfg.block_kv_dq
+  split = _BLK // bk
+
+  def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, blocks,
+          num_full, count):
+    G = q.shape[2] // k.shape[2]
+    dq = np.full(q.shape, np.nan, q.dtype)
+    for b, h, qt in rows:
+      bm, hm = _index(blocks.shape, b, h)
+      r = qt * _BLK + np.arange(_BLK)
+      acc = np.zeros((_BLK, q.shape[3]), np.float32)
+      for t in range(count[bm, hm, qt] * split):
+        masked = t >= num_full[bm, hm, qt] * split
+        c = (blocks[bm, hm, qt, t // split] * _BLK + (t % split) * bk
+             + np.arange(bk))
+        kc = k[b, c, h // G]
+        s, tanh = _logits(q[b, r, h] @ kc.T, st)
+        if masked:
+          vis = _visible(st, r[:, None], c[None, :], offsets, h,
+                         _seg(q_seg, b, r)[:, None] if st.has_segments else None,
+                         _seg(kv_seg, b, c)[None, :] if st.has_segments else None)
+          s = np.where(vis, s, -np.inf)
+        p = np.exp2(s - lse2[b, h, r][:, None])
+        ds = p * (do[b, r, h] @ v[b, c, h // G].T - delta[b, h, r][:, None])
+        if tanh is not None:
+          ds = ds * (1.0 - tanh * tanh)
+        acc += ds @ kc
+      dq[b, r, h] = acc * st.scale
+    return dq
+
+  return _host_call(run, jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v, do,
+                    lse2, delta, q_seg, kv_seg, offsets, rows, *lists)
+
+
+def _check_kv_items(items, counts, merge_tiles, merge_valid, B, N, KH):
+  """Every key tile's group list is covered once: whole, or by split parts."""
+  total = ma._group_counts(counts, B, N, KH)  # pylint: disable=protected-access
+  ranges = {}
+  for b, kvh, kt, start, end, slot in items:
+    ranges.setdefault((b, kvh, kt), []).append((start, end, slot))
+  assert len(ranges) == total.size, "every key tile needs a work item"
+  max_parts = merge_valid.shape[1]
+  split_tiles = {tuple(t): i for i, t in enumerate(merge_tiles)}
+  for tile, rs in ranges.items():
+    rs.sort()
+    bounds = [0] + [e for _, e, _ in rs]
+    assert [s for s, _, _ in rs] == bounds[:-1], (tile, rs)
+    assert bounds[-1] == total[tile], (tile, rs, total[tile])
+    if len(rs) == 1 and rs[0][2] < 0:
+      assert tile not in split_tiles
+      continue
+    i = split_tiles[tile]
+    assert [s for _, _, s in rs] == [i * max_parts + p for p in range(len(rs))]
+    assert merge_valid[i].sum() == len(rs)
+
+
+def _emu_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, lists, sched,
+             st):
+  """dK/dV kernel: per work item, its range of the GQA group's transposed
+  lists (``_item_bounds`` per head, FULL entries unmasked, PARTIAL masked) in
+  query steps of ``block_q_dkv``; whole tiles write dK/dV, split ones their
+  float32 partial slot. Both 64-key warpgroups at once."""
+  bq = st.cfg.block_q_dkv
+  split = _BLK // bq
+  n_slots = int(np.prod(sched.merge_valid.shape))
+
+  def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, items, blocks,
+          num_full, count, merge_tiles, merge_valid):
+    B, _, N, H = q.shape
+    KH = k.shape[2]
+    G = N // KH
+    _check_kv_items(items, count, merge_tiles, merge_valid, B, N, KH)
+    dk = np.full(k.shape, np.nan, k.dtype)
+    dv = np.full(k.shape, np.nan, k.dtype)
+    dkp = np.full((n_slots, _BLK, H), np.nan, np.float32)
+    dvp = np.full((n_slots, _BLK, H), np.nan, np.float32)
+    for b, kvh, kt, start, end, slot in items:
+      c = kt * _BLK + np.arange(_BLK)
+      kc, vc = k[b, c, kvh], v[b, c, kvh]
+      acc_k = np.zeros((_BLK, H), np.float32)
+      acc_v = np.zeros((_BLK, H), np.float32)
+      offset = 0
+      for g in range(G):
+        hq = kvh * G + g
+        bm, hm = _index(blocks.shape, b, hq)
+        n_full, n_tot = num_full[bm, hm, kt], count[bm, hm, kt]
+        lo, mid, hi = (int(x) for x in ma._item_bounds(  # pylint: disable=protected-access
+            start, end, offset, n_full, n_tot))
+        # The producer streams steps [lo, hi); the consumers run the FULL
+        # loop [lo, mid) and the masked loop [mid, hi): same steps, same order.
+        unmasked = range(lo * split, mid * split)
+        masked = range(mid * split, hi * split)
+        assert [*unmasked, *masked] == list(range(lo * split, hi * split))
+        for j, is_masked in [(j, False) for j in unmasked] + [
+            (j, True) for j in masked]:
+          r = (blocks[bm, hm, kt, j // split] * _BLK + (j % split) * bq
+               + np.arange(bq))
+          qr, dor = q[b, r, hq], do[b, r, hq]
+          s_t, tanh = _logits(kc @ qr.T, st)
+          if is_masked:
+            vis = _visible(
+                st, r[None, :], c[:, None], offsets, hq,
+                _seg(q_seg, b, r)[None, :] if st.has_segments else None,
+                _seg(kv_seg, b, c)[:, None] if st.has_segments else None)
+            s_t = np.where(vis, s_t, -np.inf)
+          p_t = np.exp2(s_t - lse2[b, hq, r][None, :])
+          acc_v += p_t @ dor
+          ds_t = p_t * (vc @ dor.T - delta[b, hq, r][None, :])
+          if tanh is not None:
+            ds_t = ds_t * (1.0 - tanh * tanh)
+          acc_k += ds_t @ qr
+        offset += n_tot
+      acc_k *= st.scale
+      if slot < 0:
+        dk[b, c, kvh], dv[b, c, kvh] = acc_k, acc_v
+      else:
+        dkp[slot], dvp[slot] = acc_k, acc_v
+    return dk, dv, dkp, dvp
+
+  H = q.shape[3]
+  kv = jax.ShapeDtypeStruct(k.shape, k.dtype)
+  part = jax.ShapeDtypeStruct((n_slots, _BLK, H), jnp.float32)
+  dk, dv, dkp, dvp = _host_call(run, (kv, kv, part, part), q, k, v, do, lse2,
+                                delta, q_seg, kv_seg, offsets, sched.items,
+                                *lists, sched.merge_tiles, sched.merge_valid)
+  return (dk, dv, dkp, dvp) if n_slots else (dk, dv, None, None)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+  """Runs ``mosaic_attention`` on CPU with the kernels emulated."""
+  monkeypatch.setattr(ma, "supports", lambda *a, **k: None)
+  monkeypatch.setattr(ma, "_forward", _emu_forward)
+  monkeypatch.setattr(ma, "_backward_dq", _emu_dq)
+  monkeypatch.setattr(ma, "_backward_dkv", _emu_dkv)
+  ma._attention_fn.cache_clear()  # pylint: disable=protected-access
+  yield
+  ma._attention_fn.cache_clear()  # pylint: disable=protected-access
+
+
+_F32_TOL = 2e-5
+_SPLIT = {"auto": ma.DEFAULT_CONFIG,
+          "never_grid_order": dataclasses.replace(ma.DEFAULT_CONFIG,
+                                                  schedule="grid", dkv_split=0),
+          "cap1": dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=1),
+          "cap3_dq64": dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=3,
+                                           block_kv_dq=64)}
+
+# The GPU check cases plus cases that stress the split, in float32 and with
+# head_dim 16 (the lists do not depend on it; numpy matmuls are the cost).
+_EMULATED_CASES = {
+    **{n: dict({k: v for k, v in c.items() if k != "dtype"}, head_dim=16)
+       for n, c in mosaic_check.CHECK_CASES.items()},
+    "strided_mqa_long_columns": dict(
+        pattern=P.StridedBlockSparse(block_size=128, stride=3,
+                                     local_blocks=1), q_len=1280,
+        kv_len=1280, heads=3, kv_heads=1, head_dim=16),
+}
+# Split variants run on cases with long lists or device-built lists.
+_SPLIT_CASES = ("strided_mqa_long_columns", "sinkwindow_mqa_padded",
+                "segments_anchor")
+
+
+@pytest.mark.parametrize(
+    "name,split", [(n, "auto") for n in sorted(_EMULATED_CASES)]
+    + [(n, s) for n in _SPLIT_CASES for s in sorted(_SPLIT) if s != "auto"])
+def test_emulated_kernels_match_reference(emulated, name, split):
+  del emulated
+  case = dict(_EMULATED_CASES[name], dtype=jnp.float32)
+  if split != "auto":  # else the case's own config (some force a split)
+    case["config"] = _SPLIT[split]
+  errors, seed = mosaic_check.compare_with_reference(**case)
+  bad = {k: v for k, v in errors.items() if not v <= _F32_TOL}
+  assert not bad, f"{name}/{split} seed={seed}: errors above {_F32_TOL}: {bad}"
+
+
+def test_emulated_device_lists_for_large_tables(emulated, monkeypatch):
+  """Static offsets whose tables would be too large to embed: device lists."""
+  del emulated
+  monkeypatch.setattr(ma, "_MAX_CONSTANT_TABLE_BYTES", 0)
+  ma._host_plan.cache_clear()  # pylint: disable=protected-access
+  errors, seed = mosaic_check.compare_with_reference(
+      P.StridedBlockSparse(block_size=128, stride=4, local_blocks=2),
+      q_len=768, kv_len=768, head_dim=16, dtype=jnp.float32)
+  ma._host_plan.cache_clear()  # pylint: disable=protected-access
+  bad = {k: v for k, v in errors.items() if not v <= _F32_TOL}
+  assert not bad, f"seed={seed}: {bad}"
+
+
+# ----------------------------------------------------------------------------
+# CPU: schedules.
+# ----------------------------------------------------------------------------
+
+
+def _work_class(work):
+  """Classes of work within a factor of 2 (the kernel's launch classes)."""
+  return np.frexp(work + ma._ITEM_OVERHEAD)[1]  # pylint: disable=protected-access
+
+
+def _bwd_counts(pattern, length, heads):
+  meta = block_mask.block_metadata(pattern, length, length, _BLK, _BLK,
+                                   num_heads=heads)
+  return meta.q_counts, meta.kv_counts
+
+
+@pytest.mark.parametrize("kv_heads", [16, 4, 1])
+def test_kv_schedule_covers_every_tile_and_splits_only_long_lists(kv_heads):
+  q_counts, _ = _bwd_counts(P.SinkWindow(64, 1023), 16384, 16)
+  cfg = ma.DEFAULT_CONFIG
+  sched = ma._kv_schedule(q_counts, 2, 16, kv_heads, cfg)  # pylint: disable=protected-access
+  _check_kv_items(sched.items, q_counts, sched.merge_tiles, sched.merge_valid,
+                  2, 16, kv_heads)
+  work = sched.items[:, 4] - sched.items[:, 3]
+  assert (np.diff(_work_class(work)) <= 0).all(), "heaviest first"
+  total = ma._group_counts(q_counts, 2, 16, kv_heads)  # pylint: disable=protected-access
+  threshold, size = ma._split_sizes(total, cfg)  # pylint: disable=protected-access
+  mean = (total.sum() + total.size * ma._ITEM_OVERHEAD) / cfg.num_sms  # pylint: disable=protected-access
+  assert threshold == pytest.approx(max(ma._MIN_PART, 0.75 * mean))  # pylint: disable=protected-access
+  assert work.max() <= max(threshold, size)
+  if kv_heads == 16:  # 32 * 16 tiles of ~9 entries, the sink tiles 128: whole
+    assert len(sched.merge_tiles) == 0 and (sched.items[:, 5] < 0).all()
+  else:  # the sink column of a group of 4 / 16 heads is far above the mean
+    assert len(sched.merge_tiles) == 2 * kv_heads
+
+
+def test_kv_schedule_never_and_fixed_cap():
+  q_counts, _ = _bwd_counts(P.Causal(), 2048, 2)
+  never = ma._kv_schedule(q_counts, 1, 2, 1,  # pylint: disable=protected-access
+                          dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=0))
+  assert never.items.shape == (16, 6) and never.merge_tiles.shape == (0, 3)
+  assert list(never.items[:, 2]) == list(range(16)), "key tile 0 is heaviest"
+  capped = ma._kv_schedule(q_counts, 1, 2, 1,  # pylint: disable=protected-access
+                           dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=5))
+  work = capped.items[:, 4] - capped.items[:, 3]
+  assert work.max() <= 5 and work.sum() == 2 * 16 * 17 // 2
+  _check_kv_items(capped.items, q_counts, capped.merge_tiles,
+                  capped.merge_valid, 1, 2, 1)
+
+
+def test_row_schedule_heaviest_first_over_heads():
+  _, kv_counts = _bwd_counts(P.StridedBlockSparse(128, 4, 1), 2048, 4)
+  rows = ma._row_schedule(kv_counts, 2, 4, "heaviest")  # pylint: disable=protected-access
+  assert sorted(map(tuple, rows)) == sorted(
+      (b, h, t) for b in range(2) for h in range(4) for t in range(16))
+  work_class = _work_class(kv_counts[0, rows[:, 1], rows[:, 2]])
+  assert (np.diff(work_class) <= 0).all()
+  for c in np.unique(work_class):  # grid order inside a class: head-major
+    assert (np.diff(rows[work_class == c, 1]) >= 0).all()
+  grid = ma._row_schedule(kv_counts, 2, 4, "grid")  # pylint: disable=protected-access
+  assert tuple(grid[0]) == (0, 0, 15) and tuple(grid[1]) == (1, 0, 15)
+  device = jax.jit(lambda c: ma._row_schedule(c, 2, 4, "heaviest"))(  # pylint: disable=protected-access
+      jnp.asarray(kv_counts))
+  np.testing.assert_array_equal(np.asarray(device), rows)
+
+
+def test_item_bounds():
+  # Head list [offset, offset + count) = [10, 16) with 4 FULL entries.
+  for start, end, want in ((0, 100, (0, 4, 6)), (12, 14, (2, 4, 4)),
+                           (15, 30, (5, 5, 6)), (0, 10, (0, 0, 0)),
+                           (16, 20, (6, 6, 6)), (13, 15, (3, 4, 5))):
+    got = tuple(int(x) for x in ma._item_bounds(start, end, 10, 4, 6))  # pylint: disable=protected-access
+    assert got == want, (start, end, got, want)
+
+
+def test_merge_split_tiles_sums_parts_in_place():
+  rng = np.random.default_rng(0)
+  d = jnp.asarray(rng.normal(size=(2, 3 * _BLK, 2, 8)), jnp.float32)
+  parts = rng.normal(size=(2 * 3, _BLK, 8)).astype(np.float32)
+  parts[2] = np.nan  # a slot of no part: must not leak into the sum
+  sched = ma.KvSchedule(
+      items=np.zeros((0, 6), np.int32),
+      merge_tiles=np.array([[1, 0, 2], [0, 1, 1]], np.int32),
+      merge_valid=np.array([[True, True, False], [True, True, True]]))
+  got = np.asarray(ma._merge_split_tiles(d, jnp.asarray(parts), sched))  # pylint: disable=protected-access
+  want = np.array(d)
+  want[1, 2 * _BLK:3 * _BLK, 0] = parts[0] + parts[1]
+  want[0, _BLK:2 * _BLK, 1] = parts[3] + parts[4] + parts[5]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
+                    reason="the kernels use the jax 0.11 Mosaic GPU API")
+@pytest.mark.parametrize("split", [0, 2])
+def test_kernels_lower_for_cuda(monkeypatch, split):
+  """Traces and lowers forward + backward (all three kernels) for CUDA."""
+  monkeypatch.setattr(ma, "supports", lambda *a, **k: None)
+  cfg = dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=split)
+  pattern = P.StridedBlockSparse(block_size=128, stride=4, local_blocks=2)
+
+  def f(q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: ma.mosaic_attention(
+        q, k, v, pattern, softcap=30.0, config=cfg), q, k, v)
+    return out, vjp(do)
+
+  qd = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+  kd = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+  text = jax.jit(f).trace(qd, kd, kd, qd).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == 3
+  n_dkv_outputs = 4 if split else 2
+  assert f":{n_dkv_outputs} = stablehlo.custom_call @mosaic_gpu" in text
