@@ -15,28 +15,98 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-  """Rotary position embedding (Su et al., 2021) and its long-context scalings."""
+  """Rotary position embedding (Su et al., 2021) and its long-context scalings.
+
+  See ``lcjax/positions/rope.py`` and ``docs/positions.md``. ``kind``: "plain",
+  "linear" (position interpolation), "ntk", "dynamic" (dynamic NTK), "yarn",
+  "llama3"; ABF is "plain" with a larger ``theta``. ``original_max_len`` is the
+  trained context length (dynamic, yarn, llama3).
+  """
   kind: str = "plain"
   theta: float = 10_000.0
   factor: float = 1.0
   original_max_len: int = 0
+  beta_fast: float = 32.0          # yarn: ramp ends (rotations in original_max_len)
+  beta_slow: float = 1.0
+  attention_factor: float = 0.0    # yarn: 0 = 0.1 ln(factor) + 1
+  mscale: float = 0.0              # yarn, DeepSeek style: attention factor from
+  mscale_all_dim: float = 0.0      # mscale / mscale_all_dim when both are set
+  yarn_truncate: bool = True
+  low_freq_factor: float = 1.0     # llama3
+  high_freq_factor: float = 4.0
+  angles: str = "float32"          # "float64": exact angles past ~1M positions
+  # E2-LLM training-time augmentation (lcjax/positions/augment.py): "none" or
+  # "e2llm" (random scale in 1..augment_max_scale and position offset per row).
+  augment: str = "none"
+  augment_max_scale: int = 1
+  augment_seed: int = 0
+  # Dual Chunk Attention (lcjax/positions/dca.py); 0 = off.
+  dca_chunk_size: int = 0
+  dca_local_window: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """Per-layer attention *kinds* and the sizes of the sparse patterns.
 
-  ``layer_kinds`` names one kind per layer (empty: every layer "full"); the
-  model scans over runs of identical consecutive kinds.
+  ``layer_kinds`` names one kind per layer; when empty, ``schedule`` names a
+  LongGen-style placement "<placement>:<sparse kind>" (e.g.
+  "middle_third:sink_window", "all:strided"; see ``lcjax/model/schedule.py``),
+  and when both are empty every layer is "full". The model scans over runs of
+  identical consecutive kinds. Kinds: "full" (causal), "sink_window" (``sink``
+  first tokens + the ``window`` keys before the query), "strided" (blocks of
+  ``block_size``: ``local_blocks`` local blocks + every ``stride``-th block,
+  offset per head if ``strided_head_offsets``). ``decode_implementation`` is
+  the cache attention of the inference engine: "auto", "reference", "xla",
+  "pallas".
   """
   layer_kinds: tuple[str, ...] = ()
+  schedule: str = ""
   implementation: str = "auto"
   sink: int = 64
   window: int = 1024
   block_size: int = 64
   stride: int = 16
   local_blocks: int = 1
+  strided_head_offsets: bool = True
   softcap: float = 0.0
+  decode_implementation: str = "auto"
+  # LongLoRA S²-attn (kind "shifted_groups"): causal attention within groups of
+  # ``shift_group_size`` tokens, the groups of the second half of the
+  # ``shift_num_heads`` heads (= model.num_heads) shifted by half a group.
+  shift_group_size: int = 0
+  shift_num_heads: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters (Hu et al., 2021) as in LongLoRA (Chen et al., 2023).
+
+  ``rank > 0`` adds ``x A B * alpha / rank`` to the projections named in
+  ``targets`` and makes only the adapters, the embedding and the norms
+  trainable (``lcjax/model/lora.py``).
+  """
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallelConfig:
+  """Attention when the mesh's ``sequence`` axis has size > 1 (lcjax.parallel).
+
+  ``strategy``: "ring", "allgather", "ulysses", "hybrid" (Ulysses inside groups
+  of ``ulysses_degree`` consecutive sequence devices, ring across groups) or
+  "none" (no context parallelism: XLA partitions ``attend`` itself).
+  ``load_balance``: "zigzag", "striped" or "none" (contiguous shards); the
+  sequence is permuted once in the data path. ``sparse_exchange``: layers whose
+  pattern needs only some shards (windows, sinks, strided blocks) exchange just
+  those unless the strategy moves fewer bytes. See docs/context_parallel.md.
+  """
+  strategy: str = "ring"
+  load_balance: str = "zigzag"
+  ulysses_degree: int = 1
+  sparse_exchange: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +120,18 @@ class ModelConfig:
   head_dim: int = 32
   mlp_dim: int = 768
   tie_embeddings: bool = True
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
   norm_eps: float = 1e-5
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
   rope: RopeConfig = RopeConfig()
   attention: AttentionConfig = AttentionConfig()
+  lora: LoraConfig = LoraConfig()
+  context_parallel: ContextParallelConfig = ContextParallelConfig()
+  # A Hugging Face checkpoint folder to start from (see lcjax.hf): its
+  # config.json fixes the architecture, its safetensors the initial params.
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +146,21 @@ class DataConfig:
   store_dir: str = ""
   seq_len: int = 256
   batch_size: int = 8
+  # Synthetic retrieval rows mixed into the text (``lcjax.data.tasks``): each
+  # row is passkey with probability ``passkey_fraction``, multi-key NIAH with
+  # ``niah_fraction``, else text. Their loss is on the answer + EOS only, scaled
+  # by ``answer_weight`` (a few answer tokens beside whole text rows otherwise
+  # barely move a small model).
   passkey_fraction: float = 0.0
+  niah_fraction: float = 0.0
+  niah_keys: int = 4
+  answer_digits: int = 5
+  answer_weight: float = 1.0
   max_documents: int = 0
   seed: int = 0
+  # AnchorAttention rows (lcjax.data.packing.anchor_rows): token 0 is a shared
+  # BOS anchor, positions not reset per document; use "anchor" layer kinds.
+  anchor: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +183,9 @@ class CheckpointConfig:
   every: int = 100
   keep: int = 3
   resume: bool = True
+  # Workdir of an earlier lcjax run whose latest params start this one (fine-
+  # tuning, context extension); params it lacks (LoRA adapters) keep their init.
+  init_params_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,8 @@ Examples::
   python -m lcjax.launch quickstart --set model.num_layers=6 --set train.steps=400 \
       --workdir runs/deeper
   python -m lcjax.launch --list
+  python -m lcjax.launch quickstart --init-from /models/Llama-3.2-1B \
+      --set model.attention.schedule=middle_third:sink_window
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--list", action="store_true", help="list experiments and exit")
   parser.add_argument("--print-config", action="store_true",
                       help="print the resolved config and exit")
+  parser.add_argument("--init-from", default=None, metavar="HF_FOLDER",
+                      help="start from a Hugging Face checkpoint folder (config.json + "
+                      "safetensors): sets model.init_from, whose config.json then "
+                      "gives the architecture (see docs/huggingface.md)")
   return parser.parse_args(argv)
 
 
@@ -35,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
   if args.list or not args.experiment:
     print("experiments:\n  " + "\n  ".join(registry.names()))
     return 0 if args.list else 2
+  overrides = args.set + ([f"model.init_from={args.init_from}"] if args.init_from else [])
   try:
-    cfg = config_lib.override(registry.get(args.experiment), args.set)
-  except (KeyError, config_lib.ConfigError) as e:
+    cfg = config_lib.override(registry.get(args.experiment), overrides)
+    if cfg.model.init_from:
+      from lcjax.hf import resolve_config  # the architecture of the checkpoint
+      cfg = resolve_config(cfg)
+  except (KeyError, ValueError, OSError) as e:
     print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
     return 2
   if args.print_config:

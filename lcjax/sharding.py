@@ -56,7 +56,7 @@ def maybe_initialize_distributed() -> None:
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-  """Resolves ``-1`` and checks that the sizes multiply to ``num_devices``."""
+  """Resolves ``-1`` and checks that the sizes fit ``num_devices``."""
   sizes = {name: getattr(cfg, name) for name in MESH_AXES}
   bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
   if bad:
@@ -70,15 +70,24 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
       raise ValueError(f"mesh {sizes}: {num_devices} devices are not divisible "
                        f"by the fixed axes' product {fixed}")
     sizes[free[0]] = num_devices // fixed
-  if math.prod(sizes.values()) != num_devices:
+  if math.prod(sizes.values()) > num_devices:
     raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
-                     f"but {num_devices} are available")
+                     f"but only {num_devices} are available")
   return sizes
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over ``devices`` (default: all). A single process may ask for fewer
+  devices than it has; it then uses the first ones and says so."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(cfg, len(devices))
+  needed = math.prod(sizes.values())
+  if needed < len(devices):
+    if jax.process_count() > 1:
+      raise ValueError(f"mesh {sizes} uses {needed} of {len(devices)} devices; "
+                       "a multi-process run must use them all")
+    print(f"mesh {sizes} uses {needed} of the {len(devices)} devices")
+    devices = devices[:needed]
   return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
                        axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)

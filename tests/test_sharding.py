@@ -115,8 +115,8 @@ def test_logical_rules():
 def test_mesh_shape_errors():
   assert mesh_shape(MeshConfig(data=-1, tensor=2), 8) == \
       {"data": 4, "fsdp": 1, "sequence": 1, "tensor": 2}
-  with pytest.raises(ValueError, match="needs 6 devices, but 8"):
-    mesh_shape(MeshConfig(data=3, tensor=2), 8)
+  with pytest.raises(ValueError, match="needs 10 devices, but only 8"):
+    mesh_shape(MeshConfig(data=5, tensor=2), 8)
   with pytest.raises(ValueError, match="not divisible"):
     mesh_shape(MeshConfig(data=-1, tensor=3), 8)
   with pytest.raises(ValueError, match="at most one mesh axis may be -1"):

@@ -9,9 +9,10 @@ step ``s`` depends only on ``(seed, s, r)``: a resumed run reads exactly the
 data of an uninterrupted one, and each process of a multi-host run can build
 just its own rows.
 
-A ``passkey_fraction`` of rows (chosen per row by the same RNG) is replaced by
-a synthetic passkey-retrieval example filling the whole row, with the loss on
-the answer and its EOS only.
+A ``passkey_fraction`` (``niah_fraction``) of rows, chosen per row by the same
+RNG, is replaced by a synthetic passkey (multi-key NIAH) example filling the
+whole row, with the loss on the answer and its EOS only, weighted
+``answer_weight``.
 
 Eval batches are fixed: ``n * batch_size`` windows spread evenly over the eval
 split's stream, independent of the seed.
@@ -118,6 +119,10 @@ class WindowSource:
     self.batch_size = int(data_cfg.batch_size)
     self.seed = int(data_cfg.seed)
     self.passkey_fraction = float(data_cfg.passkey_fraction)
+    self.niah_fraction = float(data_cfg.niah_fraction)
+    self.niah_keys = int(data_cfg.niah_keys)
+    self.answer_digits = int(data_cfg.answer_digits)
+    self.answer_weight = float(data_cfg.answer_weight)
     self.anchor = bool(getattr(data_cfg, "anchor", False))  # AnchorAttention rows
     self.train_store, self.eval_store = train, evals
     self.built = built  # Whether make_source wrote the stores (False: reused).
@@ -139,19 +144,30 @@ class WindowSource:
     per_process = self.batch_size // process_count
     rows = range(process_index * per_process, (process_index + 1) * per_process)
     rngs = [np.random.default_rng([self.seed, step, r]) for r in rows]
-    is_passkey = np.array([rng.uniform() < self.passkey_fraction for rng in rngs])
+    u = np.array([rng.uniform() for rng in rngs])
+    is_passkey = u < self.passkey_fraction
+    is_niah = ~is_passkey & (u < self.passkey_fraction + self.niah_fraction)
+    is_text = ~(is_passkey | is_niah)
     last_start = self.train_store.num_tokens - (self.seq_len + 1)
-    starts = [int(rng.integers(0, last_start + 1))
-              for rng, p in zip(rngs, is_passkey) if not p]
-    if not is_passkey.any():
+    starts = [int(rng.integers(0, last_start + 1)) for rng, t in zip(rngs, is_text) if t]
+    if is_text.all():
       return self._window_rows(self.train_store, starts)
-    out = Batch.concatenate([
-        tasks.passkey_training_row(rng, self.seq_len, self.tokenizer) if p
-        else _placeholder_row(self.seq_len) for rng, p in zip(rngs, is_passkey)])
+    out = Batch.concatenate([self._retrieval_row(rng, p) if not t
+                             else _placeholder_row(self.seq_len)
+                             for rng, p, t in zip(rngs, is_passkey, is_text)])
     if starts:
       for field, text_field in zip(out, self._window_rows(self.train_store, starts)):
-        field[~is_passkey] = text_field
+        field[is_text] = text_field
     return out
+
+  def _retrieval_row(self, rng: np.random.Generator, passkey: bool) -> Batch:
+    if passkey:
+      row = tasks.passkey_training_row(rng, self.seq_len, self.tokenizer,
+                                       digits=self.answer_digits)
+    else:
+      row = tasks.multikey_training_row(rng, self.seq_len, self.tokenizer,
+                                        num_keys=self.niah_keys, digits=self.answer_digits)
+    return row._replace(loss_mask=row.loss_mask * self.answer_weight)
 
   def eval_batches(self, n: int) -> list[Batch]:
     """``n`` fixed eval batches of ``batch_size`` rows: windows spread evenly
@@ -191,10 +207,29 @@ def _validate(cfg: Any, tokenizer: Tokenizer) -> None:
     raise ValueError(f"data.seq_len must be >= 1, got {cfg.seq_len}")
   if cfg.batch_size < 1:
     raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
-  if not 0.0 <= cfg.passkey_fraction <= 1.0:
-    raise ValueError(f"data.passkey_fraction must be in [0, 1], got {cfg.passkey_fraction}")
+  fractions = {"passkey_fraction": cfg.passkey_fraction, "niah_fraction": cfg.niah_fraction}
+  for name, value in fractions.items():
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+  if cfg.passkey_fraction + cfg.niah_fraction > 1.0:
+    raise ValueError(f"data.passkey_fraction + data.niah_fraction must be <= 1, got "
+                     f"{cfg.passkey_fraction} + {cfg.niah_fraction}")
+  if cfg.answer_digits < 1:
+    raise ValueError(f"data.answer_digits must be >= 1, got {cfg.answer_digits}")
+  if cfg.answer_weight <= 0:
+    raise ValueError(f"data.answer_weight must be > 0, got {cfg.answer_weight}")
+  answer = len(tokenizer.encode("0" * cfg.answer_digits))
   if cfg.passkey_fraction > 0:
-    need = tasks.min_passkey_length(tokenizer) + len(tokenizer.encode("00000"))
+    need = tasks.min_passkey_length(tokenizer, digits=cfg.answer_digits) + answer
     if cfg.seq_len < need:
       raise ValueError(f"data.seq_len={cfg.seq_len} is too short for passkey rows "
                        f"(data.passkey_fraction={cfg.passkey_fraction}); it needs >= {need}")
+  if cfg.niah_fraction > 0:
+    if not 1 <= cfg.niah_keys <= tasks.MAX_NIAH_KEYS:
+      raise ValueError(f"data.niah_keys must be in [1, {tasks.MAX_NIAH_KEYS}], "
+                       f"got {cfg.niah_keys}")
+    need = tasks.min_multikey_length(tokenizer, num_keys=cfg.niah_keys,
+                                     digits=cfg.answer_digits) + answer
+    if cfg.seq_len < need:
+      raise ValueError(f"data.seq_len={cfg.seq_len} is too short for {cfg.niah_keys}-key NIAH "
+                       f"rows (data.niah_fraction={cfg.niah_fraction}); it needs >= {need}")

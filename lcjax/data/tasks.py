@@ -74,8 +74,8 @@ def make_multikey_niah(rng: np.random.Generator, length_tokens: int, depth: floa
                        digits: int = 5) -> Example:
   """``num_keys`` needles ``key -> number``; the asked-for one sits at ``depth``,
   the others at uniformly random depths. Answer = the asked key's number."""
-  if not 1 <= num_keys <= len(_KEYS):
-    raise ValueError(f"num_keys must be in [1, {len(_KEYS)}], got {num_keys}")
+  if not 1 <= num_keys <= MAX_NIAH_KEYS:
+    raise ValueError(f"num_keys must be in [1, {MAX_NIAH_KEYS}], got {num_keys}")
   keys = [_KEYS[i] for i in rng.choice(len(_KEYS), size=num_keys, replace=False)]
   values: list[str] = []
   while len(values) < num_keys:
@@ -125,11 +125,24 @@ def passkey_training_row(rng: np.random.Generator, seq_len: int, tokenizer: Toke
   answer_ids = tokenizer.encode(key)
   # prompt + answer + EOS = seq_len + 1 tokens (the +1 is the last target).
   example = _passkey(rng, seq_len - answer_ids.size, float(rng.uniform()), tokenizer, key)
-  ids = np.concatenate([example.prompt_ids, answer_ids,
+  return _training_row(example, seq_len, tokenizer)
+
+
+def multikey_training_row(rng: np.random.Generator, seq_len: int, tokenizer: Tokenizer,
+                          *, num_keys: int = 4, digits: int = 5) -> Batch:
+  """Like :func:`passkey_training_row` for a multi-key NIAH prompt."""
+  n_answer = len(tokenizer.encode("0" * digits))
+  example = make_multikey_niah(rng, seq_len - n_answer, float(rng.uniform()), tokenizer,
+                               num_keys=num_keys, digits=digits)
+  return _training_row(example, seq_len, tokenizer)
+
+
+def _training_row(example: Example, seq_len: int, tokenizer: Tokenizer) -> Batch:
+  ids = np.concatenate([example.prompt_ids, example.answer_ids,
                         np.array([tokenizer.eos_id], np.int32)])
   loss_mask = np.zeros(seq_len, np.float32)
   loss_mask[example.length - 1:] = 1.0  # Targets ids[prompt_len:] = answer + EOS.
-  return Batch(tokens=ids[None, :-1], targets=ids[None, 1:],
+  return Batch(tokens=ids[None, :-1].astype(np.int32), targets=ids[None, 1:].astype(np.int32),
                segment_ids=np.ones((1, seq_len), np.int32),
                positions=np.arange(seq_len, dtype=np.int32)[None],
                loss_mask=loss_mask[None])
@@ -142,7 +155,23 @@ def min_passkey_length(tokenizer: Tokenizer, *, digits: int = 5) -> int:
       tokenizer, _PASSKEY_QUESTION).size
 
 
+def min_multikey_length(tokenizer: Tokenizer, *, num_keys: int = 4, digits: int = 5) -> int:
+  """The shortest multi-key NIAH prompt (no filler): the longest keys' needles."""
+  longest = sorted(_KEYS, key=len)[-num_keys:]
+  needles = sum(_encode(tokenizer, _multikey_needle(k, "0" * digits)).size for k in longest)
+  return 1 + needles + _encode(tokenizer, _multikey_question(longest[-1])).size
+
+
+MAX_NIAH_KEYS = len(_KEYS)
 _PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
+
+
+def _multikey_needle(key: str, value: str) -> str:
+  return f"\nThe magic number for {key} is {value}.\n"
+
+
+def _multikey_question(key: str) -> str:
+  return f"\nWhat is the magic number for {key}? The magic number for {key} is "
 
 
 def _passkey_needle(key: str) -> str:
@@ -163,11 +192,9 @@ def _passkey(rng, length_tokens, depth, tokenizer, key) -> Example:
 
 
 def _multikey(rng, length_tokens, depth, tokenizer, keys, values) -> Example:
-  needles = [_encode(tokenizer, f"\nThe magic number for {k} is {v}.\n")
-             for k, v in zip(keys, values)]
+  needles = [_encode(tokenizer, _multikey_needle(k, v)) for k, v in zip(keys, values)]
   asked = 0  # keys are already in random order.
-  question = _encode(tokenizer, f"\nWhat is the magic number for {keys[asked]}? "
-                                f"The magic number for {keys[asked]} is ")
+  question = _encode(tokenizer, _multikey_question(keys[asked]))
   num_filler = length_tokens - 1 - sum(n.size for n in needles) - question.size
   _check(length_tokens, depth, num_filler, f"multikey ({len(keys)} keys)")
   at = [round(depth * num_filler)] + [int(rng.integers(0, num_filler + 1))

@@ -84,15 +84,22 @@ class ByteTokenizer:
     return np.frombuffer(data, dtype=np.uint8).astype(np.int32) + self.NUM_SPECIAL
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
-    if ids.ndim != 1:
-      raise ValueError(f"decode expects a 1-D sequence of ids, got shape {ids.shape}")
-    bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-    if bad.size:
-      raise ValueError(f"token id {int(bad[0])} is outside the byte vocabulary "
-                       f"[0, {self.vocab_size}); restrict sampling to vocab_size")
+    ids = checked_ids(ids, self.vocab_size)
     data = (ids[ids >= self.NUM_SPECIAL] - self.NUM_SPECIAL).astype(np.uint8).tobytes()
     return data.decode("utf-8", errors="replace")
 
   def __repr__(self) -> str:
     return "ByteTokenizer()"
+
+
+def checked_ids(ids: Iterable[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+  """``ids`` as a 1-D int64 array, or a ValueError naming an id outside the
+  vocabulary (decoders share this check)."""
+  ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
+  if ids.ndim != 1:
+    raise ValueError(f"decode expects a 1-D sequence of ids, got shape {ids.shape}")
+  bad = ids[(ids < 0) | (ids >= vocab_size)]
+  if bad.size:
+    raise ValueError(f"token id {int(bad[0])} is outside the vocabulary "
+                     f"[0, {vocab_size}); restrict sampling to vocab_size")
+  return ids

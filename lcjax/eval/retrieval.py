@@ -18,8 +18,12 @@ from lcjax.model import Decoder
 
 
 def greedy_continuations(model: Decoder, params, prompts_NxL: np.ndarray,
-                         max_new: int) -> np.ndarray:
-  """``[N, max_new]`` greedy continuations of equal-length prompts."""
+                         max_new: int, vocab_limit: int) -> np.ndarray:
+  """``[N, max_new]`` greedy continuations of equal-length prompts.
+
+  Only ids below ``vocab_limit`` (the tokenizer's vocabulary; the model's is
+  padded) can be chosen.
+  """
   N, L = prompts_NxL.shape
 
   @jax.jit
@@ -27,7 +31,7 @@ def greedy_continuations(model: Decoder, params, prompts_NxL: np.ndarray,
     h_NxTxD = model.apply({"params": params}, buf_NxT, method=Decoder.hidden)
     h_Nx1xD = jax.lax.dynamic_slice_in_dim(h_NxTxD, index - 1, 1, axis=1)
     logits = model.apply({"params": params}, h_Nx1xD, method=Decoder.logits)
-    return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits[:, 0, :vocab_limit], axis=-1).astype(jnp.int32)
 
   buf = jnp.zeros((N, L + max_new), jnp.int32).at[:, :L].set(prompts_NxL)
   for i in range(max_new):
@@ -46,7 +50,8 @@ def retrieval_accuracy(model: Decoder, params, tokenizer, make_example: Callable
       examples = [make_example(rng, length, depth, tokenizer) for _ in range(samples)]
       prompts = np.stack([e.prompt_ids for e in examples])
       max_new = max(len(tokenizer.encode(e.answer)) for e in examples) + 1
-      outputs = greedy_continuations(model, params, prompts, max_new)
+      outputs = greedy_continuations(model, params, prompts, max_new,
+                                     tokenizer.vocab_size)
       hits = [tasks.score(_decode_until_eos(out, tokenizer), e.answer)
               for out, e in zip(outputs, examples)]
       results[(length, depth)] = float(np.mean(hits))

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcjax.model import lora
 from lcjax.sharding import constrain
 
 Dtype = jnp.dtype
@@ -38,7 +39,8 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-  """``einsum`` with a kernel of logical axes ``in_axes + out_axes``."""
+  """``einsum`` with a kernel of logical axes ``in_axes + out_axes``, plus an
+  optional bias of axes ``out_axes`` (Qwen2's q/k/v projections)."""
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   in_axes: tuple[str, ...]
@@ -46,6 +48,9 @@ class Projection(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   init_std: float = 0.02
+  use_bias: bool = False
+  lora_rank: int = 0  # > 0: a LoRA adapter (lcjax.model.lora)
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,8 +60,16 @@ class Projection(nn.Module):
         self.param_dtype)
     n_in = len(self.in_shape)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                               (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            (contract, ((), ())))
+    if self.use_bias:
+      bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape,
+                             self.out_axes, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    if self.lora_rank:
+      y = y + lora.adapter(self, x, self.in_shape, self.out_shape, self.in_axes,
+                           self.out_axes, self.lora_rank, self.lora_alpha)
+    return y
 
 
 class SwiGLU(nn.Module):

@@ -19,6 +19,7 @@ from lcjax.model.attention_layer import SelfAttention
 from lcjax.model.dtypes import dtype_of
 from lcjax.model.layers import RMSNorm, SwiGLU, param_with_axes
 from lcjax.model.remat import checkpoint_policy
+from lcjax.parallel.context import model_layout
 from lcjax.sharding import constrain
 
 
@@ -72,17 +73,37 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
     return self.logits(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
 
-  def hidden(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
-    """Final normalised hidden states ``[B, T, embed]``."""
+  def hidden(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None,
+             layout_order: bool = False):
+    """Final normalised hidden states ``[B, T, embed]``.
+
+    Under context parallelism with load balancing the layers work on rows in
+    a permuted order (``lcjax.parallel.context.model_layout``): inputs in
+    natural order are permuted here and the output is put back. With
+    ``layout_order=True`` the inputs are already permuted and the output stays
+    so (the training loss, which is permutation invariant).
+    """
     B, T = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0).astype(
-        dtype_of(self.cfg.dtype))
-    x_BxTxD = constrain(x_BxTxD, ("batch", "sequence", "embed"))
+    layout = None if layout_order else model_layout(self.cfg, T)
+    if layout is not None:
+      tokens_BxT = layout.permute(tokens_BxT)
+      positions_BxT = layout.permute(positions_BxT)
+      if segment_ids_BxT is not None:
+        segment_ids_BxT = layout.permute(segment_ids_BxT)
+    x_BxTxD = self.embed(tokens_BxT)
     for group in self.groups:
       x_BxTxD, _ = group(x_BxTxD, positions_BxT, segment_ids_BxT)
-    return self.final_norm(x_BxTxD)
+    h_BxTxD = self.final_norm(x_BxTxD)
+    return h_BxTxD if layout is None else layout.unpermute(h_BxTxD)
+
+  def embed(self, tokens_BxT):
+    """Token embeddings ``[B, T, embed]`` in the compute dtype (also used by
+    the inference engine, which runs the layers one by one)."""
+    x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0).astype(
+        dtype_of(self.cfg.dtype))
+    return constrain(x_BxTxD, ("batch", "sequence", "embed"))
 
   def logits(self, h_BxTxD):
     """Vocabulary logits in float32 for (a chunk of) hidden states."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from lcjax.config import CheckpointConfig
@@ -47,3 +49,45 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def restore_params(run_dir: str, like: Any, model_cfg: Any) -> Any:
+  """The latest params of the lcjax run in ``run_dir``, laid out like ``like``.
+
+  For fine-tuning from an earlier run (``checkpoint.init_params_from``): the
+  saved layers are restacked into ``model_cfg``'s layer groups, each leaf of
+  ``like`` found there is replaced by the saved value (same shape, placed with
+  ``like``'s sharding), and leaves absent there (LoRA adapters) keep ``like``'s.
+  Saved leaves with no place in ``like`` or a different shape are an error.
+  """
+  from lcjax.model.schedule import regroup_params  # the model imports are heavy
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {run_dir}/checkpoints to take params from")
+  saved = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore())).state["params"]
+  manager.close()
+  saved = regroup_params(saved, model_cfg)
+  used = set()
+
+  def take(path, leaf):
+    key = jax.tree_util.keystr(path)
+    node = saved
+    for k in path:
+      if not isinstance(node, dict) or k.key not in node:
+        return leaf
+      node = node[k.key]
+    if tuple(node.shape) != tuple(leaf.shape):
+      raise ValueError(f"param {key}: {run_dir} has shape {tuple(node.shape)}, this "
+                       f"model {tuple(leaf.shape)}")
+    used.add(key)
+    return jax.device_put(jnp.asarray(node, leaf.dtype), leaf.sharding)
+
+  out = jax.tree_util.tree_map_with_path(take, like)
+  unused = sorted(set(jax.tree_util.keystr(p) for p, _ in
+                      jax.tree_util.tree_leaves_with_path(saved)) - used)
+  if unused:
+    raise ValueError(f"params {unused} of {run_dir} have no place in this model "
+                     "(merge LoRA adapters with lcjax.model.lora.merge first)")
+  return out

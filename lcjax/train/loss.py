@@ -10,6 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from lcjax.model import Decoder
+from lcjax.parallel.context import model_layout
+from lcjax.parallel.layout import permute_batch
+
+_PERMUTED_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
 def _chunk_size(length: int, target: int) -> int:
@@ -22,8 +26,13 @@ def _chunk_size(length: int, target: int) -> int:
 def loss_sums(model: Decoder, params, batch: dict[str, jax.Array],
               chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
   """Returns ``(sum of token losses, number of counted tokens)`` in float32."""
+  # Context-parallel load balancing: the rows are permuted once here (integer
+  # arrays, cheap) and the hidden states stay permuted; the sum is unchanged.
+  layout = model_layout(model.cfg, batch["tokens"].shape[-1])
+  batch = permute_batch({k: batch[k] for k in _PERMUTED_KEYS}, layout)
   h_BxTxD = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                        batch["segment_ids"], method=Decoder.hidden)
+                        batch["segment_ids"], method=Decoder.hidden,
+                        layout_order=True)
   B, T, D = h_BxTxD.shape
   C = _chunk_size(T, chunk)
   to_chunks = lambda x: jnp.moveaxis(x.reshape(B, T // C, C, *x.shape[2:]), 1, 0)

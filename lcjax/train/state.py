@@ -41,9 +41,15 @@ def state_shardings(model: Decoder, tx: optax.GradientTransformation,
   tree); scalars such as step counters are replicated.
   """
   abstract = jax.eval_shape(lambda: _boxed_init(model, tx, 0, seq_len))
-  return jax.tree.map(
-      lambda x: named_sharding(mesh, x.names, x.value.shape) if _is_box(x)
-      else NamedSharding(mesh, PartitionSpec()), abstract, is_leaf=_is_box)
+
+  def sharding(x):
+    if not _is_box(x):
+      return NamedSharding(mesh, PartitionSpec())
+    if isinstance(x.value, optax.MaskedNode):  # no state (LoRA-frozen params)
+      return x.value
+    return named_sharding(mesh, x.names, x.value.shape)
+
+  return jax.tree.map(sharding, abstract, is_leaf=_is_box)
 
 
 def abstract_state(model: Decoder, tx: optax.GradientTransformation,

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcjax.model import Decoder
+from lcjax.model import Decoder, lora
+from lcjax.positions import augment
 from lcjax.sharding import named_sharding
 from lcjax.train.loss import loss_sums
 from lcjax.train.state import TrainState
@@ -28,10 +29,12 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation):
     def micro_step(carry, micro_batch):
       grads_acc, loss_acc, count_acc = carry
       (loss_sum, count), grads = jax.value_and_grad(
-          lambda p: loss_sums(model, p, micro_batch), has_aux=True)(state.params)
+          lambda p: loss_sums(model, lora.stop_frozen_gradients(p, model.cfg),
+                              micro_batch), has_aux=True)(state.params)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
       return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
+    batch = augment.augment_batch(model.cfg.rope, batch, state.step)  # E2-LLM
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     (grads, loss_sum, count), _ = jax.lax.scan(
         micro_step, (zeros, jnp.zeros(()), jnp.zeros(())), batch)

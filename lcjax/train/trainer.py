@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -21,10 +22,10 @@ from lcjax.data import tasks
 from lcjax.data.pipeline import make_source
 from lcjax.data.tokenizer import ByteTokenizer
 from lcjax.eval.retrieval import retrieval_accuracy
-from lcjax.model import Decoder, param_count
+from lcjax.model import Decoder, lora, param_count
 from lcjax.sharding import make_mesh, maybe_initialize_distributed, put_global_batch
 from lcjax.train import step as step_lib
-from lcjax.train.checkpoint import Checkpointer
+from lcjax.train.checkpoint import Checkpointer, restore_params
 from lcjax.train.flops import flops_per_token
 from lcjax.train.metrics import MetricsWriter, peak_flops_per_device
 from lcjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -88,7 +89,8 @@ def evaluate(cfg: Config, model: Decoder, params, source, tokenizer, eval_step,
     loss_sum, count = loss_sum + float(s), count + float(c)
   result: dict[str, Any] = {"eval_loss": loss_sum / max(count, 1.0)}
   if with_retrieval and cfg.eval.passkey_samples > 0:
-    accuracy = retrieval_accuracy(model, params, tokenizer, tasks.make_passkey,
+    make_passkey = functools.partial(tasks.make_passkey, digits=cfg.data.answer_digits)
+    accuracy = retrieval_accuracy(model, params, tokenizer, make_passkey,
                                   cfg.eval.passkey_lengths, cfg.eval.passkey_depths,
                                   cfg.eval.passkey_samples, seed=cfg.train.seed)
     result["passkey"] = {f"len{l}_depth{d}": a for (l, d), a in accuracy.items()}
@@ -99,11 +101,16 @@ def evaluate(cfg: Config, model: Decoder, params, source, tokenizer, eval_step,
 def train(cfg: Config, workdir: str) -> TrainResult:
   """Trains ``cfg`` in ``workdir``, resuming from its latest checkpoint if any."""
   maybe_initialize_distributed()
-  tokenizer = ByteTokenizer()
+  if cfg.model.init_from:  # a Hugging Face checkpoint (lcjax.hf)
+    from lcjax.hf import start as hf_start
+    cfg = hf_start.resolve_config(cfg)
+    tokenizer = hf_start.tokenizer_for(cfg)
+  else:
+    tokenizer = ByteTokenizer()
   validate(cfg, tokenizer.vocab_size)
   mesh = make_mesh(cfg.mesh)
   model = Decoder(cfg.model)
-  tx = make_optimizer(cfg.train)
+  tx = lora.freeze(make_optimizer(cfg.train), cfg.model)  # LoRA: adapters etc. only
   seq_len, grad_accum = cfg.data.seq_len, cfg.train.grad_accum
   micro_shape = (grad_accum, cfg.data.batch_size // grad_accum, seq_len)
   writer = MetricsWriter(workdir, cfg.train.steps)
@@ -117,14 +124,22 @@ def train(cfg: Config, workdir: str) -> TrainResult:
 
   with jax.set_mesh(mesh):
     source = make_source(cfg.data, tokenizer)
+    writer.print(source.describe())
     shardings = state_shardings(model, tx, mesh, seq_len)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
     latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
     if latest is not None:
       state, _ = checkpointer.restore(latest, abstract_state(model, tx, shardings, seq_len))
       writer.print(f"resumed from step {latest}")
+    elif cfg.model.init_from:
+      state = hf_start.init_state_from_checkpoint(cfg, tx, shardings, mesh)
+      writer.print(f"params from Hugging Face checkpoint {cfg.model.init_from}")
     else:
       state = init_state(model, tx, cfg.train.seed, shardings, seq_len)
+      if cfg.checkpoint.init_params_from:
+        state = state.replace(params=restore_params(
+            cfg.checkpoint.init_params_from, state.params, cfg.model))
+        writer.print(f"params from {cfg.checkpoint.init_params_from}")
     writer.print(f"parameters: {param_count(state.params):,}")
     train_step = step_lib.jit_train_step(model, tx, mesh, shardings, micro_shape)
     eval_step = step_lib.jit_eval_step(model, mesh, shardings.params,

@@ -127,6 +127,46 @@ def test_passkey_rows(cfg):
   check_text_rows(type(mixed)(*(f[~is_passkey] for f in mixed)), 128)
 
 
+def test_retrieval_mix_rows_and_weights(cfg):
+  """Passkey + multi-key NIAH + text rows, short answers, weighted answer loss."""
+  mix = dataclasses.replace(cfg, seq_len=256, batch_size=48, passkey_fraction=0.3,
+                            niah_fraction=0.4, niah_keys=3, answer_digits=2,
+                            answer_weight=8.0)
+  b = make_source(mix).batch(5)
+  weighted = (b.loss_mask == 8.0).any(axis=1)
+  text = ~weighted
+  np.testing.assert_array_equal(b.tokens[weighted, 1:], b.targets[weighted, :-1])
+  kinds = {"passkey": 0, "niah": 0}
+  for r in np.flatnonzero(weighted):
+    assert set(np.unique(b.loss_mask[r]).tolist()) == {0.0, 8.0}
+    answer = TOK.decode(b.targets[r][b.loss_mask[r] > 0])  # 2 digits + EOS (dropped)
+    assert len(answer) == 2 and answer.isdigit()
+    prompt = TOK.decode(b.tokens[r])
+    if "pass key" in prompt:
+      kinds["passkey"] += 1
+    else:
+      assert prompt.count("The magic number for") == 4  # 3 needles + the question
+      assert prompt.endswith(f"is {answer}")
+      kinds["niah"] += 1
+  assert kinds["passkey"] >= 5 and kinds["niah"] >= 8 and text.sum() >= 5
+  check_text_rows(type(b)(*(f[text] for f in b)), 256)
+  np.testing.assert_array_equal(make_source(mix).batch(5).tokens, b.tokens)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("niah_fraction", 1.5, "niah_fraction must be in"),
+    ("answer_digits", 0, "answer_digits must be >= 1"),
+    ("answer_weight", 0.0, "answer_weight must be > 0"),
+    ("niah_keys", 99, "niah_keys must be in"),
+])
+def test_retrieval_mix_rejects_bad_fields(cfg, field, value, match):
+  bad = dataclasses.replace(cfg, **{"niah_fraction": 0.2, field: value})
+  with pytest.raises(ValueError, match=match):
+    make_source(bad)
+  with pytest.raises(ValueError, match="passkey_fraction \\+ data.niah_fraction"):
+    make_source(dataclasses.replace(cfg, passkey_fraction=0.6, niah_fraction=0.6))
+
+
 def test_files_source(tmp_path):
   rng = np.random.default_rng(0)
   words = ["alpha", "beta", "gamma", "δέλτα", "東京", "🙂", "\n"]
