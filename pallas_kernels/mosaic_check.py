@@ -22,7 +22,6 @@ import json
 import math
 import os
 import secrets
-import statistics
 import time
 
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 from lcjax.attention import block_mask
 from lcjax.attention import patterns as P
 from lcjax.attention.reference import dense_attention
+from lcjax.bench.timing import median_ms
 from pallas_kernels import mosaic_attention as ma
 
 
@@ -208,14 +208,7 @@ def run_checks(names=None, deadline: Deadline | None = None,
 
 def time_ms(fn, *args, warmup=2, reps=10) -> float:
   """Median wall time of ``fn(*args)`` with a device sync after each call."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  return median_ms(fn, args, repeats=reps, warmup=warmup)
 
 
 def _fwd_bwd(attn):

@@ -26,10 +26,7 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +34,7 @@ import numpy as np
 
 from lcjax.attention import block_mask, cudnn, reference
 from lcjax.attention import patterns as P
+from lcjax.bench.timing import median_ms
 
 MARK_START = "<!-- attention-bench:start -->"
 MARK_END = "<!-- attention-bench:end -->"
@@ -83,18 +81,6 @@ def visible_pairs(case: Case, length: int, num_heads: int) -> int:
                           return_counts=True)
     return int((counts * (counts + 1) // 2).sum()) * num_heads
   return block_mask.visible_count(case.pattern, length, length, num_heads)
-
-
-def _time(fn: Callable, args, repeats: int, warmup: int) -> float:
-  """Median wall time in ms of ``fn(*args)`` (compiled and warmed up first)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def _implementations(case: Case, q, k, seg, quick: bool):
@@ -203,7 +189,7 @@ def run(args) -> list[dict]:
             fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
             flops = 3.5 * fwd_flops
           try:
-            ms = _time(fn, (q, k, v), repeats, warmup)
+            ms = median_ms(fn, (q, k, v), repeats, warmup)
           except Exception as e:  # pylint: disable=broad-except
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             rec["skipped"] = f"failed: {type(e).__name__}: {msg}"

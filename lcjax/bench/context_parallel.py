@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from typing import Callable
 
 import jax
@@ -40,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lcjax.attention import attend, block_mask, cudnn
 from lcjax.attention import patterns as P
+from lcjax.bench.timing import median_ms
 from lcjax.config import ContextParallelConfig, MeshConfig
 from lcjax.parallel import context, local
 from lcjax.parallel.layout import SequenceLayout, shard_view
@@ -70,18 +69,6 @@ def visible(pattern: P.Pattern, length: int, heads: int) -> int:
                                   block=max(64, length // 256))
 
 
-def _time(fn: Callable, args, repeats: int, warmup: int = 2) -> float:
-  """Median wall time in ms of ``fn(*args)`` after compiling and warming up."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
-
-
 def _fwd_bwd(attention: Callable, ct):
   def loss(q, k, v):
     return jnp.vdot(attention(q, k, v).astype(jnp.float32), ct.astype(jnp.float32))
@@ -99,10 +86,10 @@ def _single_gpu(args, pattern, length, rng, dtype) -> dict[str, float]:
   """Milliseconds of fwd+bwd for the one-GPU baselines."""
   q, k, v, ct = _inputs(rng, args.batch, length, args.heads, args.kv_heads,
                         args.head_dim, dtype)
-  out = {"attend": _time(_fwd_bwd(lambda q, k, v: attend(q, k, v, pattern), ct),
+  out = {"attend": median_ms(_fwd_bwd(lambda q, k, v: attend(q, k, v, pattern), ct),
                          (q, k, v), args.repeats)}
   if not cudnn.supports(q.shape, k.shape, q.dtype, pattern, False, None):
-    out["cudnn"] = _time(_fwd_bwd(lambda q, k, v: cudnn.cudnn_attention(
+    out["cudnn"] = median_ms(_fwd_bwd(lambda q, k, v: cudnn.cudnn_attention(
         q, k, v, pattern), ct), (q, k, v), args.repeats)
   return out
 
@@ -115,7 +102,7 @@ def _context_time(args, cp, pattern, length, devices, rng, dtype) -> float:
                           args.head_dim, dtype, sharding)
     fn = _fwd_bwd(lambda q, k, v: context.context_attention(
         q, k, v, pattern, config=cp), ct)
-    return _time(fn, (q, k, v), args.repeats)
+    return median_ms(fn, (q, k, v), args.repeats)
 
 
 def scaling(args) -> list[dict]:
@@ -195,7 +182,7 @@ def overhead(args) -> list[dict]:
       for mode in ("fwd", "fwd_bwd"):
         for impl, fn in impls.items():
           jitted = jax.jit(fn) if mode == "fwd" else _fwd_bwd(fn, ct)
-          ms = _time(jitted, (q, k, v), args.repeats)
+          ms = median_ms(jitted, (q, k, v), args.repeats)
           base.setdefault(mode, ms)
           rec = dict(pattern=name, mode=mode, impl=impl, seq_len=length, ms=ms,
                      overhead=ms / base[mode] - 1.0)
