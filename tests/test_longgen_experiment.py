@@ -2,8 +2,6 @@
 import json
 import os
 
-import numpy as np
-
 from experiments import longgen
 from lcjax import registry
 from lcjax.model import schedule

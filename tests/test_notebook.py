@@ -1,7 +1,6 @@
 """Executes notebooks/quickstart.ipynb (a short run of the quickstart) so it
 cannot rot: every cell must run, and the notebook itself asserts that the
 loss falls."""
-import os
 import pathlib
 
 import pytest

@@ -1,6 +1,5 @@
 """The same model gives the same loss and gradients on 1 device and on a 2x2x2 mesh."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

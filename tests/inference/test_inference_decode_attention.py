@@ -1,6 +1,5 @@
 """Cache attention: the Pallas kernel (interpreted) and the XLA path against the
 dense reference, and the reference against plain causal attention."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
