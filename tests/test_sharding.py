@@ -8,9 +8,10 @@ from lcjax.config import MeshConfig, ModelConfig, TrainConfig
 from lcjax.model import Decoder
 from lcjax.sharding import logical_to_spec, make_mesh, mesh_shape, put_global_batch
 from lcjax.train import step as step_lib
-from lcjax.train.loss import mean_loss
 from lcjax.train.optimizer import make_optimizer
 from lcjax.train.state import init_state, state_shardings
+
+from sharded_loss import loss_and_grads
 
 CFG = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, mlp_dim=64)
@@ -31,19 +32,6 @@ def _batch(seed):
           "positions": pos, "loss_mask": mask.astype(np.float32)}
 
 
-def _loss_and_grads(mesh, params_host, batch_host):
-  model, tx = Decoder(CFG), make_optimizer(TrainConfig())
-  with jax.set_mesh(mesh):
-    shardings = state_shardings(model, tx, mesh, T)
-    params = jax.device_put(params_host, shardings.params)
-    batch = put_global_batch(batch_host, mesh)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: mean_loss(model, p, b)),
-                 in_shardings=(shardings.params, step_lib.batch_shardings(mesh, (B, T))),
-                 out_shardings=(None, shardings.params))
-    loss, grads = fn(params, batch)
-    return float(loss), jax.device_get(grads), params
-
-
 def test_one_device_and_eight_devices_agree():
   assert jax.device_count() >= 8, "conftest should provide 8 CPU devices"
   model, tx = Decoder(CFG), make_optimizer(TrainConfig())
@@ -53,8 +41,8 @@ def test_one_device_and_eight_devices_agree():
     params = jax.device_get(init_state(model, tx, 7, state_shardings(model, tx, mesh1, T),
                                        T).params)
   batch = _batch(11)
-  loss1, grads1, _ = _loss_and_grads(mesh1, params, batch)
-  loss8, grads8, params8 = _loss_and_grads(mesh8, params, batch)
+  loss1, grads1, _ = loss_and_grads(CFG, mesh1, params, batch)
+  loss8, grads8, params8 = loss_and_grads(CFG, mesh8, params, batch)
   assert np.isfinite(loss1) and loss1 > 0
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   for (path, g1), g8 in zip(jax.tree_util.tree_leaves_with_path(grads1),

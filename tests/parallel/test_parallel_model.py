@@ -13,10 +13,10 @@ from lcjax.config import (AttentionConfig, ContextParallelConfig, MeshConfig,
 from lcjax.model import Decoder
 from lcjax.parallel import context
 from lcjax.sharding import make_mesh, put_global_batch
-from lcjax.train import step as step_lib
-from lcjax.train.loss import mean_loss
 from lcjax.train.optimizer import make_optimizer
 from lcjax.train.state import init_state, state_shardings
+
+from sharded_loss import loss_and_grads
 
 # A causal layer (the strategy under test) and a sink + window layer (the
 # sparse exchange). Strided layers and head-dependent routing are covered in
@@ -42,19 +42,6 @@ def _batch(seed):
           "positions": pos, "loss_mask": mask}
 
 
-def _run(cfg, mesh, params_host, batch_host):
-  model, tx = Decoder(cfg), make_optimizer(TrainConfig())
-  with jax.set_mesh(mesh):
-    shardings = state_shardings(model, tx, mesh, T)
-    params = jax.device_put(params_host, shardings.params)
-    batch = put_global_batch(batch_host, mesh)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: mean_loss(model, p, b)),
-                 in_shardings=(shardings.params, step_lib.batch_shardings(mesh, (B, T))),
-                 out_shardings=(None, shardings.params))
-    loss, grads = fn(params, batch)
-    return float(loss), jax.device_get(grads)
-
-
 @pytest.fixture(scope="module")
 def unsharded():
   model, tx = Decoder(CFG), make_optimizer(TrainConfig())
@@ -63,7 +50,7 @@ def unsharded():
     params = jax.device_get(init_state(model, tx, 3, state_shardings(model, tx, mesh1, T),
                                        T).params)
   batch = _batch(17)
-  return params, batch, _run(CFG, mesh1, params, batch)
+  return params, batch, loss_and_grads(CFG, mesh1, params, batch)[:2]
 
 
 @pytest.mark.parametrize("strategy, load_balance, degree", [
@@ -77,7 +64,7 @@ def test_model_loss_and_gradients_match_unsharded(unsharded, strategy, load_bala
   mesh = make_mesh(MeshConfig(data=2, sequence=4), jax.devices()[:8])
   with jax.set_mesh(mesh):
     assert context.active_layout(cfg.context_parallel, T).kind == load_balance
-  loss, grads = _run(cfg, mesh, params, batch)
+  loss, grads, _ = loss_and_grads(cfg, mesh, params, batch)
   assert np.isfinite(loss1) and loss1 > 0
   np.testing.assert_allclose(loss, loss1, rtol=1e-5)
   for (path, g1), g in zip(jax.tree_util.tree_leaves_with_path(grads1),
