@@ -571,6 +571,7 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows, lists: Lists,
       grid_names=("items",),
       num_threads=3,
       thread_name="wg",
+      kernel_name="lcjax_attention_fwd",
       compiler_params=_compiler_params(plgpu),
   )(q, k, v, q_seg, kv_seg, offsets, rows, *lists)
 
@@ -718,6 +719,7 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows,
       grid_names=("items",),
       num_threads=3,
       thread_name="wg",
+      kernel_name="lcjax_attention_dq",
       compiler_params=_compiler_params(plgpu),
   )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, *lists)
 
@@ -940,6 +942,7 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       grid_names=("items",),
       num_threads=3,
       thread_name="wg",
+      kernel_name="lcjax_attention_dkv",
       compiler_params=_compiler_params(plgpu),
   )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, sched.items, *lists)
   return tuple(outs) if n_slots else (*outs, None, None)

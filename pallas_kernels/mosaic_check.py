@@ -31,6 +31,7 @@ import numpy as np
 from lcjax.attention import block_mask
 from lcjax.attention import patterns as P
 from lcjax.attention.reference import dense_attention
+from lcjax.bench.profile import format_kernel_times, kernel_times
 from lcjax.bench.timing import median_ms
 from pallas_kernels import mosaic_attention as ma
 
@@ -230,12 +231,13 @@ VARIANTS = {
 def bench_pattern(name, pattern, seq, *, cudnn_kwargs=None, heads=16,
                   kv_heads=16, head_dim=128, batch=1, impls=("mosaic",),
                   configs=None, reps=10, deadline: Deadline | None = None,
-                  reserve_s: float = 0.0):
+                  reserve_s: float = 0.0, profile: bool = False):
   """Rows {pattern, seq, impl, mode, ms, tflops, density} for one case.
 
   ``impls``: names of VARIANTS and/or "cudnn" (needs ``cudnn_kwargs``), timed
   in this order; ``configs`` ({label: Config}) replaces the variants. An
   implementation is skipped when fewer than ``reserve_s`` seconds are left.
+  ``profile``: print the device time per kernel of each timed call.
   """
   deadline = deadline or Deadline(None)
   keys = jax.random.split(jax.random.key(seq), 4)
@@ -277,6 +279,9 @@ def bench_pattern(name, pattern, seq, *, cudnn_kwargs=None, heads=16,
       print(f"  {name:18s} {seq:6d} {impl:8s} {mode:7s} {ms:9.3f} ms "
             f"{tf:6.1f} TF/s  ({time.perf_counter() - t0:.0f}s incl. "
             "compile)", flush=True)
+      if profile and ms == ms:
+        print(format_kernel_times(kernel_times(fn, *args), top=8,
+                                  title=f"    {name} {seq} {impl} {mode}:"), flush=True)
   return rows
 
 
@@ -374,6 +379,8 @@ def main():
   parser.add_argument("--deadline-s", type=float, default=0.0,
                       help="time budget of the whole run (0: none)")
   parser.add_argument("--json", default=None, help="write benchmark rows here")
+  parser.add_argument("--profile", action="store_true",
+                      help="print the device time per kernel of each timed call")
   args = parser.parse_args()
   deadline = Deadline(args.deadline_s)
   print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}",
@@ -395,7 +402,8 @@ def main():
       rows += bench_pattern(name, pattern, seq, cudnn_kwargs=cudnn_kwargs,
                             kv_heads=kv_heads, impls=impls, configs=configs,
                             reps=args.reps, deadline=deadline,
-                            reserve_s=60.0 if seq > 65536 else 25.0)
+                            reserve_s=60.0 if seq > 65536 else 25.0,
+                            profile=args.profile)
     path = args.json or (os.path.join(os.environ["OUT"], "mosaic_bench.json")
                          if os.environ.get("OUT") else None)
     if path:

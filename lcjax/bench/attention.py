@@ -34,6 +34,7 @@ import numpy as np
 
 from lcjax.attention import block_mask, cudnn, reference
 from lcjax.attention import patterns as P
+from lcjax.bench.profile import kernel_times
 from lcjax.bench.timing import median_ms
 
 MARK_START = "<!-- attention-bench:start -->"
@@ -148,7 +149,9 @@ def _tokamax_impl(case: Case, quick: bool):
       q, k, v, implementation="mosaic", **kw)
 
 
-def run(args) -> list[dict]:
+def run(args, on_record=lambda records: None) -> list[dict]:
+  """All records; ``on_record(records)`` is called after each one (so a run cut
+  short by a time limit still leaves its results)."""
   quick = args.quick
   dtype = jnp.dtype(args.dtype or ("float32" if quick else "bfloat16"))
   lengths = args.lengths or ([128] if quick else [8192, 32768, 131072])
@@ -195,15 +198,21 @@ def run(args) -> list[dict]:
             rec["skipped"] = f"failed: {type(e).__name__}: {msg}"
           else:
             rec.update(ms=ms, tflops=flops / ms / 1e9)
+            if args.device_time:
+              device_ms = sum(kernel_times(fn, q, k, v).values()) / 1e3
+              rec.update(device_ms=device_ms, device_tflops=flops / device_ms / 1e9)
           records.append(rec)
           _print_record(rec)
+          on_record(records)
   return records
 
 
 def _print_record(rec):
   if "ms" in rec:
+    device = (f"  (device {rec['device_ms']:.3f} ms, {rec['device_tflops']:.1f} TF/s)"
+              if "device_ms" in rec else "")
     print(f"{rec['pattern']:>20} {rec['seq_len']:>7} {rec['mode']:>7} "
-          f"{rec['impl']:>8} {rec['ms']:10.3f} ms {rec['tflops']:8.1f} TF/s",
+          f"{rec['impl']:>8} {rec['ms']:10.3f} ms {rec['tflops']:8.1f} TF/s{device}",
           flush=True)
   else:
     print(f"{rec['pattern']:>20} {rec['seq_len']:>7} {rec['mode']:>7} "
@@ -211,12 +220,8 @@ def _print_record(rec):
 
 
 def markdown(records: list[dict], meta: dict) -> str:
-  """One table row per (pattern, length, mode): ms (TF/s) per implementation."""
-  impls = []
-  for r in records:
-    if r["impl"] not in impls and any("ms" in s and s["impl"] == r["impl"]
-                                      for s in records):
-      impls.append(r["impl"])
+  """One table row per (pattern, length, mode): ms (TF/s) per implementation;
+  a second table of device (kernel) time when the run measured it."""
   lines = [f"Device: {meta.get('device', '?')}; jax {meta.get('jax', '?')}; "
            f"dtype {meta.get('dtype')}, batch 1, {meta.get('heads')} heads, "
            f"head_dim {meta.get('head_dim')}; median of {meta.get('repeats')} "
@@ -224,6 +229,26 @@ def markdown(records: list[dict], meta: dict) -> str:
            "Ratio columns: time of the peer / time of ours, where ours is the "
            "kernel `attend(..., implementation=\"pallas\")` runs (mosaic where "
            "it supports the case, else triton); >1 means ours is faster.", ""]
+  lines += _table(records, "ms", "tflops")
+  if any("device_ms" in r for r in records):
+    lines += ["", "Device time of the same calls (sum of the kernels' times in JAX's "
+              "profiler, `--device-time`; excludes launch and synchronisation gaps):", ""]
+    lines += _table([r for r in records if "device_ms" in r or "ms" not in r],
+                    "device_ms", "device_tflops")
+  skipped = sorted({(r["impl"], r["skipped"]) for r in records if "skipped" in r})
+  if skipped:
+    lines += ["", "Not run:"]
+    lines += [f"- {impl}: {why}" for impl, why in skipped]
+  return "\n".join(lines) + "\n"
+
+
+def _table(records: list[dict], ms_key: str, tf_key: str) -> list[str]:
+  impls = []
+  for r in records:
+    if r["impl"] not in impls and any(ms_key in s and s["impl"] == r["impl"]
+                                      for s in records):
+      impls.append(r["impl"])
+  lines = []
   peers = [i for i in ("cudnn", "tokamax", "xla") if i in impls]
   header = ["pattern", "len", "mode", "density"] + impls + [
       f"{p}/ours" for p in peers]
@@ -242,22 +267,18 @@ def markdown(records: list[dict], meta: dict) -> str:
              key[2], f"{density:.3f}"]
     for i in impls:
       r = rows.get(i)
-      cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f})" if r and "ms" in r
+      cells.append(f"{r[ms_key]:.2f} ({r[tf_key]:.0f})" if r and ms_key in r
                    else "—")
     ours = next((rows[i] for i in ("mosaic", "triton")
-                 if i in rows and "ms" in rows[i]), None)
+                 if i in rows and ms_key in rows[i]), None)
     for p in peers:
       r = rows.get(p)
-      if r and "ms" in r and ours:
-        cells.append(f"{r['ms'] / ours['ms']:.2f}")
+      if r and ms_key in r and ours:
+        cells.append(f"{r[ms_key] / ours[ms_key]:.2f}")
       else:
         cells.append("—")
     lines.append("| " + " | ".join(cells) + " |")
-  skipped = sorted({(r["impl"], r["skipped"]) for r in records if "skipped" in r})
-  if skipped:
-    lines += ["", "Not run:"]
-    lines += [f"- {impl}: {why}" for impl, why in skipped]
-  return "\n".join(lines) + "\n"
+  return lines
 
 
 def write_docs(md: str, path: str):
@@ -288,7 +309,9 @@ def parse_args(argv=None):
   p.add_argument("--dtype")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", help="write records here")
+  p.add_argument("--json", help="write records here (rewritten after each record)")
+  p.add_argument("--device-time", action="store_true",
+                 help="also measure each call's kernel time with JAX's profiler")
   p.add_argument("--markdown", help="update this docs file's attention section")
   p.add_argument("--render", help="only render an earlier JSON to --markdown")
   args = p.parse_args(argv)
@@ -312,12 +335,14 @@ def main(argv=None) -> list[dict]:
               heads=2 if args.quick else args.heads,
               head_dim=32 if args.quick else args.head_dim,
               repeats=1 if args.quick else args.repeats, quick=args.quick)
-  records = run(args)
+  def save(records):
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(dict(meta=meta, records=records), f, indent=1)
+
+  records = run(args, on_record=save)
   md = markdown(records, meta)
   print(md)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(meta=meta, records=records), f, indent=1)
   if args.markdown:
     write_docs(md, args.markdown)
   return records

@@ -15,7 +15,9 @@ others attention sink 64 + window 1984, i.e. 1/64 of 128K tokens; "hybrid"):
   prefill: attention kernels with static offsets), and, if time is left,
   chunked prefill in chunks of ``--prefill-chunk``;
 * decode tokens/s after that prompt (greedy, one compiled loop of
-  ``--decode-steps`` steps, batch ``--decode-batch``);
+  ``--decode-steps`` steps) at each batch size of ``--decode-batch`` (the
+  prompt's caches repeated per row); ``--profile`` prints the device time of
+  each kernel of a decode step;
 * KV cache bytes of the engine's caches at the longest length.
 
 Each measurement is warmed up (compilation excluded) and the median of
@@ -116,7 +118,8 @@ def bench_train(cfg: ModelConfig, seq_len: int, repeats: int) -> dict[str, Any]:
       return m
 
     seconds = _median_time(one, repeats)
-    del box, state
+    box.clear()
+    del state
   flops = flops_per_token(cfg, seq_len) * seq_len
   return {"step_s": seconds, "first_step_s": first, "model_tflops": flops / seconds / 1e12}
 
@@ -130,22 +133,23 @@ def _inference_params(cfg: ModelConfig):
   return params, param_count(params)
 
 
-def bench_inference(cfg: ModelConfig, prompt_len: int, decode_steps: int, decode_batch: int,
-                    prefill_chunk: int, repeats: int, deadline: Deadline, log
-                    ) -> dict[str, Any]:
-  """One-shot prefill, decode tokens/s after it, KV bytes; chunked prefill if time is left."""
+def bench_inference(cfg: ModelConfig, prompt_len: int, decode_steps: int,
+                    decode_batches: tuple[int, ...], prefill_chunk: int, repeats: int,
+                    deadline: Deadline, log, profile: bool = False) -> dict[str, Any]:
+  """One-shot prefill of one prompt, decode tokens/s after it at each batch size
+  (the prompt's caches repeated per row), KV bytes; chunked prefill if time is left."""
   from lcjax.inference import Engine
 
   cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, remat="none")
   params, n_params = _inference_params(cfg)
-  max_len = prompt_len + 2 * decode_steps + 8
+  # Room for the warm-up, the timed and the profiled decode loops.
+  max_len = prompt_len + (repeats + 2) * decode_steps + 8
   out: dict[str, Any] = {"params": n_params, "prompt_len": prompt_len,
-                         "decode_batch": decode_batch}
-  rng = np.random.default_rng(1)
-  prompts = [rng.integers(0, cfg.vocab_size, size=prompt_len, dtype=np.int32)
-             for _ in range(decode_batch)]
+                         "decode_batches": list(decode_batches)}
+  prompts = [np.random.default_rng(1).integers(0, cfg.vocab_size, size=prompt_len,
+                                               dtype=np.int32)]
   engine = Engine(cfg, params, max_len=max_len, prefill_chunk=max_len)
-  out["kv_cache"] = engine.kv_report(batch=decode_batch)
+  out["kv_cache"] = engine.kv_report(batch=1)
   t = time.perf_counter()
   state, logits = engine.prefill(prompts)
   jax.block_until_ready(logits)
@@ -160,30 +164,33 @@ def bench_inference(cfg: ModelConfig, prompt_len: int, decode_steps: int, decode
   out["prefill_s"] = statistics.median(times)
   first = jnp.argmax(logits, -1).astype(jnp.int32)
   # Decode with the Pallas kernel (GPU only) and with XLA's fused jnp, from
-  # copies of the same prefilled caches (decoding donates them).
+  # copies of the prefilled caches (decoding donates them), at each batch size.
   impls = ["pallas", "xla"] if jax.default_backend() == "gpu" else ["xla"]
-  states = [state] + [jax.tree.map(jnp.copy, state) for _ in impls[1:]]
-  del state
-  for impl in impls:
-    st = states.pop(0)
-    if impl != impls[0] and deadline.left() < 60:
-      continue
-    try:
-      out[f"decode_{impl}"] = _time_decode(cfg, params, max_len, st, first, decode_steps,
-                                           decode_batch, impl)
-    except Exception as e:  # a kernel that does not lower: keep the other numbers
-      out[f"decode_{impl}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-    del st
-  best = [out[f"decode_{i}"] for i in impls
-          if "tokens_per_s" in out.get(f"decode_{i}", {})]
-  if best:
-    top = max(best, key=lambda d: d["tokens_per_s"])
-    out["decode_tokens_per_s"] = top["tokens_per_s"]
-    out["decode_ms_per_step"] = top["ms_per_step"]
-    out["decode_impl"] = top["impl"]
-  log(f"    prefill {out['prefill_s']:.3f}s, decode {out.get('decode_ms_per_step', 0):.2f} "
-      f"ms/step ({out.get('decode_impl')})")
+  out["decode"] = {}
+  for batch in decode_batches:
+    rows = out["decode"][str(batch)] = {}
+    for impl in impls:
+      if deadline.left() < 45:
+        rows[impl] = {"error": "skipped: time budget"}
+        continue
+      st = jax.tree.map(lambda x: jnp.repeat(x, batch, axis=0), state)
+      try:
+        rows[impl] = _time_decode(cfg, params, max_len, st, jnp.repeat(first, batch),
+                                  decode_steps, batch, impl, repeats,
+                                  profile and impl == impls[0])
+      except Exception as e:  # a kernel that does not lower, OOM: keep the other numbers
+        rows[impl] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+      del st
+      d = rows[impl]
+      log(f"    decode batch {batch} {impl}: " + (
+          f"{d['ms_per_step']:.2f} ms/step, {d['tokens_per_s']:.0f} tok/s"
+          if "ms_per_step" in d else d["error"]))
+    timed = {i: d for i, d in rows.items() if "tokens_per_s" in d}
+    if timed:
+      rows["best"] = max(timed, key=lambda i: timed[i]["tokens_per_s"])
+  log(f"    prefill {out['prefill_s']:.3f}s")
   if prefill_chunk and prefill_chunk < prompt_len and deadline.left() > 60:
+    del state
     chunked = Engine(cfg, params, max_len=max_len, prefill_chunk=prefill_chunk)
     state, logits = chunked.prefill(prompts)  # compile + warm-up
     jax.block_until_ready(logits)
@@ -193,27 +200,40 @@ def bench_inference(cfg: ModelConfig, prompt_len: int, decode_steps: int, decode
     jax.block_until_ready(logits)
     out["chunked_prefill_s"] = time.perf_counter() - t
     out["prefill_chunk"] = prefill_chunk
-    del state
   return out
 
 
-def _time_decode(cfg, params, max_len, state, first, steps, batch, impl) -> dict[str, Any]:
-  """Tokens/s of ``steps`` greedy steps in one compiled loop (after a warm-up loop)."""
+def _time_decode(cfg, params, max_len, state, first, steps, batch, impl, repeats,
+                 profile: bool = False) -> dict[str, Any]:
+  """Tokens/s of ``steps`` greedy steps in one compiled loop: the median of
+  ``repeats`` loops after a warm-up loop (the first loop after the warm-up also
+  compiles the small eager ops around it and was up to 2x slow); ``profile``:
+  also print the device time of each kernel of one more loop."""
   from lcjax.inference import Engine
   cfg = dataclasses.replace(cfg, attention=dataclasses.replace(
       cfg.attention, decode_implementation=impl))
   engine = Engine(cfg, params, max_len=max_len, prefill_chunk=max_len)
-  t = time.perf_counter()
-  state, tokens = engine.decode(state, first, steps)  # compile + warm-up
-  jax.block_until_ready(tokens)
-  first_s = time.perf_counter() - t
-  t = time.perf_counter()
-  state, tokens = engine.decode(state, tokens[:, -1], steps)
-  jax.block_until_ready(tokens)
-  seconds = time.perf_counter() - t
+  box = {"state": state, "tokens": first[:, None]}
   del state
-  return {"impl": impl, "first_s": first_s, "ms_per_step": 1e3 * seconds / steps,
-          "tokens_per_s": batch * steps / seconds}
+
+  def loop():
+    box["state"], box["tokens"] = engine.decode(box["state"], box["tokens"][:, -1], steps)
+    return box["tokens"]
+
+  t = time.perf_counter()
+  jax.block_until_ready(loop())  # compile + warm-up
+  first_s = time.perf_counter() - t
+  seconds = [_median_time(loop, 1) for _ in range(repeats)]
+  if profile:
+    from lcjax.bench.profile import format_kernel_times, kernel_times
+    per_step = {k: v / steps for k, v in kernel_times(loop, repeats=1).items()}
+    print(format_kernel_times(per_step, title=f"decode step, batch {batch}, {impl}:"),
+          flush=True)
+  box.clear()
+  median = statistics.median(seconds)
+  return {"impl": impl, "first_s": first_s, "ms_per_step": 1e3 * median / steps,
+          "loops_ms_per_step": [1e3 * s / steps for s in seconds],
+          "tokens_per_s": batch * steps / median}
 
 
 def check_on_device() -> dict[str, float]:
@@ -288,18 +308,21 @@ def run(args, log=print) -> dict[str, Any]:
     def job():
       record["inference"][variant] = bench_inference(
           cfgs[variant], args.prompt_len or max(lengths), args.decode_steps,
-          args.decode_batch, args.prefill_chunk, args.repeats, deadline, log)
+          tuple(args.decode_batch), args.prefill_chunk, args.repeats, deadline, log,
+          args.profile)
     plan.append((f"inference {variant}", job))
 
   def check():
     record["checks"] = check_on_device()
     log("    " + ", ".join(f"{k} {v:.1e}" for k, v in record["checks"].items()))
-  plan.append(("correctness checks", check))
-  for variant in variants:
+  if not args.skip_checks:
+    plan.append(("correctness checks", check))
+  train, infer = "train" in args.parts, "inference" in args.parts
+  for variant in variants if train else ():
     add_train(variant, lengths[0])
-  for variant in variants:
+  for variant in variants if infer else ():
     add_inference(variant)
-  for length in lengths[1:]:
+  for length in lengths[1:] if train else ():
     for variant in variants:
       add_train(variant, length)
 
@@ -365,11 +388,14 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                    fmt(get(f, "chunked_prefill_s"), ".3f"),
                    fmt(get(h, "chunked_prefill_s"), ".3f"),
                    _speedup(get(f, "chunked_prefill_s"), get(h, "chunked_prefill_s"))))
-    impl = lambda r: f" [{r['decode_impl']}]" if r and r.get("decode_impl") else ""
-    rows.append((f"decode after {_len(n)}, batch {(f or h)['decode_batch']} (tok/s)",
-                 fmt(get(f, "decode_tokens_per_s"), ".1f") + impl(f),
-                 fmt(get(h, "decode_tokens_per_s"), ".1f") + impl(h),
-                 _speedup(get(h, "decode_tokens_per_s"), get(f, "decode_tokens_per_s"))))
+    for batch in (f or h).get("decode", {}):
+      best = lambda r: (r["decode"][batch].get(r["decode"][batch].get("best"))
+                        if r and batch in r.get("decode", {}) else None)
+      tok = lambda r: best(r)["tokens_per_s"] if best(r) else None
+      tag = lambda r: f" [{best(r)['impl']}]" if best(r) else ""
+      rows.append((f"decode after {_len(n)}, batch {batch} (tok/s)",
+                   fmt(tok(f), ".1f") + tag(f), fmt(tok(h), ".1f") + tag(h),
+                   _speedup(tok(h), tok(f))))
     kv_f = f and f["kv_cache"]["kv_bytes"]
     kv_h = h and h["kv_cache"]["kv_bytes"]
     rows.append((f"KV cache at {_len(n)}", _bytes(kv_f), _bytes(kv_h),
@@ -408,16 +434,18 @@ def markdown(record: dict[str, Any]) -> str:
         + "."]
   dec = []
   for v, r in record["inference"].items():
-    for impl in ("pallas", "xla"):
-      d = r.get(f"decode_{impl}")
-      if d:
-        dec.append(f"{v} {impl}: " + (f"{d['ms_per_step']:.2f} ms/step" if "ms_per_step" in d
-                                       else d["error"]))
+    for batch, per_impl in r.get("decode", {}).items():
+      for impl, d in per_impl.items():
+        if impl != "best":
+          dec.append(f"{v} batch {batch} {impl}: " + (
+              f"{d['ms_per_step']:.2f} ms/step" if "ms_per_step" in d else d["error"]))
   if dec:
     lines += ["", "Decode per implementation of the cache attention: " + "; ".join(dec) + "."]
   for kind in ("skipped", "errors"):
     if record[kind]:
       lines += ["", f"{kind.capitalize()}:"] + [f"- {x}" for x in record[kind]]
+  if record.get("notes"):  # e.g. where a record merged from several runs came from
+    lines += ["", "Notes:"] + [f"- {x}" for x in record["notes"]]
   return "\n".join(lines)
 
 
@@ -453,7 +481,14 @@ def parse_args(argv=None):
   p.add_argument("--prompt-len", type=int, default=None,
                  help="prefill/decode prompt length (default: the longest length)")
   p.add_argument("--decode-steps", type=int, default=None)
-  p.add_argument("--decode-batch", type=int, default=1)
+  p.add_argument("--decode-batch", type=int, nargs="+", default=[1],
+                 help="decode batch sizes (the prompt's caches repeated per row)")
+  p.add_argument("--parts", nargs="+", choices=("train", "inference"),
+                 default=["train", "inference"], help="what to measure")
+  p.add_argument("--skip-checks", action="store_true",
+                 help="skip the on-device correctness checks")
+  p.add_argument("--profile", action="store_true",
+                 help="print the device time per kernel of a decode step")
   p.add_argument("--prefill-chunk", type=int, default=None,
                  help="also time chunked prefill with this chunk (0: skip)")
   p.add_argument("--sparse", choices=schedule.SPARSE_KINDS, default="sink_window")

@@ -10,7 +10,7 @@ queries can ever see under the layer's pattern:
 * :class:`FullLayout` (full layers, and any pattern without a smaller layout):
   slot = position.
 * :class:`RingLayout` (``SinkWindow(sink, window)``, StreamingLLM): ``sink``
-  fixed slots and a ring of ``window`` slots for the most recent tokens.
+  fixed slots and a ring of ``window + 1`` slots for the most recent tokens.
 * :class:`StridedLayout` (``StridedBlockSparse``, LongGen): a ring of the
   ``local_blocks`` most recent blocks, plus the blocks on the strides of the
   query heads that share a kv head (with per-head offsets, a kv head whose
@@ -22,11 +22,12 @@ positions, so a layout can never change the result, only the memory; stale
 slots left in a ring are exactly the pairs the pattern masks.
 
 :func:`cached_attention` is what ``SelfAttention`` runs when a ``"cache"``
-collection is present: the new tokens attend to the cache as it was (the
-decode-attention kernel) and to each other (``lcjax.attention.attend``; for one
-token, its own key), the two are merged by log-sum-exp, then the new tokens
-are written. Writing *after* attending is what lets a chunk of any size use a
-ring smaller than the chunk.
+collection is present. A decode step (one token), and a prefill chunk on a
+full cache, writes its keys and values first and then attends over the cache
+(the decode-attention kernel), so the cache is updated in place. A prefill
+chunk on a ring or strided cache attends to the cache as it was and to itself
+(``lcjax.attention.attend``), merges the two by log-sum-exp and is written
+last, which lets a chunk of any size use a ring smaller than the chunk.
 """
 from __future__ import annotations
 
@@ -180,8 +181,10 @@ def plan_layout(pattern: Pattern, cfg: ModelConfig, max_len: int,
   """
   full = FullLayout(_round_up(max_len, slot_multiple))
   if isinstance(pattern, SinkWindow):
+    # ``window + 1`` ring slots: a decode step writes its token before it
+    # attends, so the ring must hold the window and the new token.
     sink = min(pattern.sink, max_len)
-    ring = _round_up(sink + pattern.window, slot_multiple) - sink
+    ring = _round_up(sink + pattern.window + 1, slot_multiple) - sink
     layout = RingLayout(sink, ring)
   elif isinstance(pattern, StridedBlockSparse) and pattern.local_blocks >= 1:
     residues = strided_residues(pattern, cfg.num_heads, cfg.num_kv_heads)
@@ -272,21 +275,6 @@ def merge(out_a, lse_a, out_b, lse_b):
   return out, lse
 
 
-def _self_pair(q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH, pos_Bx1, pattern, scale, softcap):
-  """One new token attending to its own key: ``(v, logit)`` where visible."""
-  B, _, N, H = q_Bx1xNxH.shape
-  G = N // k_Bx1xKxH.shape[2]
-  k = jnp.repeat(k_Bx1xKxH, G, axis=2).astype(jnp.float32)
-  v = jnp.repeat(v_Bx1xKxH, G, axis=2).astype(jnp.float32)
-  logit = jnp.sum(q_Bx1xNxH.astype(jnp.float32) * k, axis=-1) * scale  # [B, 1, N]
-  if softcap:
-    logit = softcap * jnp.tanh(logit / softcap)
-  p = pos_Bx1[:, :, None]
-  vis = jnp.broadcast_to(pattern.mask(p, p, jnp.arange(N)[None, None, :]), logit.shape)
-  lse = jnp.where(vis, logit, -jnp.inf).transpose(0, 2, 1)
-  return jnp.where(vis[..., None], v, 0.0), lse
-
-
 def cache_name(module) -> str | None:
   """The layout name of the cache this module holds, or None (no cache: training)."""
   for name in LAYOUT_NAMES:
@@ -325,18 +313,32 @@ def cached_attention(module, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT,
     module.put_variable("cache", name, write(layout, cache, k_BxTxKxH, v_BxTxKxH,
                                              positions_BxT, valid))
     return out
+  if T == 1 or isinstance(layout, FullLayout):
+    # Write first, then attend over the cache: the cache is only ever written
+    # in place and read afterwards (reading the old cache and writing after it
+    # made XLA copy the whole cache in every decode step and prefill chunk).
+    # A decode step's token never evicts a key it needs (layouts keep one slot
+    # more than a query can see); a full cache evicts nothing, so a prefill
+    # chunk on it also sees its own keys through the cache kernel.
+    cache = write(layout, cache, k_BxTxKxH, v_BxTxKxH, positions_BxT, valid)
+    module.put_variable("cache", name, cache)
+    out, _ = cache_attention(
+        q_BxTxNxH, positions_BxT, cache["k"], cache["v"], cache["pos"],
+        layout.bound(cache["end"]), pattern, scale=scale, softcap=softcap,
+        implementation=cfg.attention.decode_implementation)
+    return out
+  # A later prefill chunk on a ring or strided cache (small: a copy is cheap):
+  # the cached tokens through the cache kernel, the chunk itself through the
+  # flash kernel, merged by log-sum-exp; the chunk is written last (it may wrap
+  # a ring over keys its own first queries need).
   out_c, lse_c = cache_attention(
       q_BxTxNxH, positions_BxT, cache["k"], cache["v"], cache["pos"],
       layout.bound(cache["end"]), pattern, scale=scale, softcap=softcap,
       implementation=cfg.attention.decode_implementation)
-  if T == 1:
-    out_n, lse_n = _self_pair(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, pattern,
-                              scale, softcap)
-  else:
-    offset = positions_BxT[0, 0]
-    out_n, lse_n = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, pattern, q_offset=offset,
-                          kv_offset=offset, softcap=softcap, return_lse=True,
-                          implementation=cfg.attention.implementation)
+  offset = positions_BxT[0, 0]
+  out_n, lse_n = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, pattern, q_offset=offset,
+                        kv_offset=offset, softcap=softcap, return_lse=True,
+                        implementation=cfg.attention.implementation)
   out, _ = merge(out_c, lse_c, out_n, lse_n)
   module.put_variable("cache", name, write(layout, cache, k_BxTxKxH, v_BxTxKxH,
                                            positions_BxT, valid))

@@ -17,10 +17,15 @@ def _record():
       "train": {"full": {"131072": {"step_s": 10.0, "model_tflops": 400.0}},
                 "hybrid": {"131072": {"step_s": 5.0, "model_tflops": 300.0}}},
       "inference": {
-          v: {"prompt_len": 131072, "decode_batch": 1, "prefill_s": p,
-              "decode_tokens_per_s": d, "decode_impl": "pallas",
-              "decode_pallas": {"ms_per_step": 1e3 / d}, "kv_cache": {"kv_bytes": kv}}
-          for v, p, d, kv in (("full", 4.0, 250.0, 2**32), ("hybrid", 2.0, 400.0, 2**30))},
+          v: {"prompt_len": 131072, "decode_batches": [1, 8], "prefill_s": p,
+              "decode": {"1": {"pallas": {"impl": "pallas", "ms_per_step": 1e3 / d,
+                                          "tokens_per_s": d},
+                               "xla": {"error": "skipped: time budget"}, "best": "pallas"},
+                         "8": {"xla": {"impl": "xla", "ms_per_step": 8e3 / d8,
+                                       "tokens_per_s": d8}, "best": "xla"}},
+              "kv_cache": {"kv_bytes": kv}}
+          for v, p, d, d8, kv in (("full", 4.0, 250.0, 1000.0, 2**32),
+                                  ("hybrid", 2.0, 400.0, 3000.0, 2**30))},
       "skipped": ["train full 32768: time budget (390s) used up"], "errors": [],
   }
 
@@ -45,6 +50,8 @@ def test_report_rows_and_markdown_section(tmp_path):
   assert rows["train step 128K (s)"][3] == "2.00x faster"
   assert rows["prefill 128K (s)"][3] == "2.00x faster"
   assert rows["decode after 128K, batch 1 (tok/s)"][3] == "1.60x faster"
+  assert rows["decode after 128K, batch 8 (tok/s)"][1:] == ("1000.0 [xla]", "3000.0 [xla]",
+                                                            "3.00x faster")
   assert rows["KV cache at 128K"][1:] == ("4.00 GiB", "1.00 GiB", "75% smaller")
   path = tmp_path / "longgen.md"
   path.write_text("# LongGen\n\nintro\n")
@@ -54,3 +61,4 @@ def test_report_rows_and_markdown_section(tmp_path):
   assert text.count(bench.MARK_START) == 1 and text.startswith("# LongGen\n\nintro")
   assert "| train step 128K (s) | 10.000 | 5.000 | 2.00x faster |" in text
   assert "Skipped:" in text
+  assert "hybrid batch 8 xla: 2.67 ms/step" in text and "skipped: time budget" in text

@@ -77,7 +77,9 @@ def test_caches_are_small_and_wrap():
   engine = _engine(KINDS["hybrid"], T)
   layouts = engine.layouts
   assert layouts["full"] == kv_cache.FullLayout(T)
-  assert layouts["sink_window"] == kv_cache.RingLayout(sink=3, ring=7)
+  # window 7 (a query sees itself and the 7 keys before it) + the new token
+  # that a decode step writes before it attends.
+  assert layouts["sink_window"] == kv_cache.RingLayout(sink=3, ring=8)
   strided = layouts["strided"]
   # kv head 0 serves query heads 0, 1 -> residues {0, 1}; kv head 1 -> {2, 0}.
   assert strided.residues == ((0, 1), (0, 2))
@@ -85,10 +87,10 @@ def test_caches_are_small_and_wrap():
   assert strided.num_slots == 4 + 4 * 2 * 4 < T
   state, _ = engine.prefill(list(tokens[:, :T]))
   ring = state.caches[0]["attn"]["ring"]
-  # After 40 tokens the ring holds the sink 0..2 and the last 7 positions.
-  assert sorted(np.asarray(ring["pos"][0, 0]).tolist()) == [0, 1, 2] + list(range(33, 40))
+  # After 40 tokens the ring holds the sink 0..2 and the last 8 positions.
+  assert sorted(np.asarray(ring["pos"][0, 0]).tolist()) == [0, 1, 2] + list(range(32, 40))
   report = engine.kv_report(batch=2)
-  assert report["kinds"]["sink_window"]["kv_bytes"] == 2 * 10 * 2 * 2 * 8 * 4
+  assert report["kinds"]["sink_window"]["kv_bytes"] == 2 * 11 * 2 * 2 * 8 * 4
   assert 0.0 < report["reduction"] < 1.0
 
 
