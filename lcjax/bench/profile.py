@@ -29,7 +29,7 @@ def _device_pids(events: list[dict[str, Any]]) -> set[int]:
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "process_name":
       name = str(e.get("args", {}).get("name", ""))
-      if "/device:GPU" in name or "GPU:" in name or "/device:gpu" in name.lower():
+      if "/device:gpu" in name.lower() or "GPU:" in name:
         pids.add(e["pid"])
   return pids
 
