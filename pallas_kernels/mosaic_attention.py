@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import math
 from typing import Any, NamedTuple
 
@@ -53,7 +54,8 @@ class Config:
   block_q: int = 64          # forward rows per compute warpgroup (2 per CTA)
   block_kv: int = 128        # forward key tile
   stages: int = 2            # forward K/V ring depth
-  block_kv_dq: int = 128     # dQ kernel key tile (64 rows of q per warpgroup)
+  block_kv_dq: int = 64      # dQ kernel key tile (64 rows of q per warpgroup);
+  #   64 leaves room to double-buffer Q/dO across persistent items
   stages_dq: int = 2
   block_q_dkv: int = 64      # dK/dV kernel query tile (64 keys per warpgroup)
   stages_dkv: int = 2
@@ -65,7 +67,17 @@ class Config:
   # far longer than the mean work per SM are split), 0 never, n > 0 split
   # every list longer than n entries into parts of at most n entries.
   dkv_split: int = -1
-  num_sms: int = 132         # H100 / H200; only the automatic split uses it
+  # Persistent CTAs for host-built lists: at most ``num_sms`` CTAs, each
+  # walks a run of work items and prefetches the next item's tiles while it
+  # finishes the current one. False (and device-built lists, e.g. segment
+  # ids): one CTA per work item, scheduled by the hardware.
+  persistent: bool = True
+  num_sms: int = 132         # H100 / H200: CTAs, and the automatic split
+  # Order of the FULL query blocks each dK/dV item walks. "descending" lets
+  # the long key columns of one head that start together (strided blocks:
+  # same work class) read the same Q/dO rows at the same time instead of
+  # 16 steps apart; not yet measured on the GPU (docs/mosaic_kernels.md).
+  dkv_order: str = "ascending"
 
   def __post_init__(self):
     if 2 * self.block_q != _META_BLOCK or self.block_kv != _META_BLOCK:
@@ -78,6 +90,9 @@ class Config:
     if self.schedule not in ("heaviest", "grid"):
       raise ValueError(f"schedule={self.schedule!r}; allowed: 'heaviest', "
                        "'grid'")
+    if self.dkv_order not in ("ascending", "descending"):
+      raise ValueError(f"dkv_order={self.dkv_order!r}; allowed: 'ascending', "
+                       "'descending'")
     if self.dkv_split < -1:
       raise ValueError(f"dkv_split={self.dkv_split}; allowed: -1 (automatic), "
                        "0 (never) or a positive cap")
@@ -106,18 +121,25 @@ class Lists(NamedTuple):
   count: Any     # int32 [Bm, Hm, rows]
 
 
-def _full_first(blocks, full, count) -> Lists:
-  """Stable-sorts each list so that FULL blocks precede PARTIAL ones."""
+def _full_first(blocks, full, count, descending: bool = False) -> Lists:
+  """Stable-sorts each list so that FULL blocks precede PARTIAL ones;
+  ``descending`` reverses the (ascending) order of the FULL ones."""
   xp = np if isinstance(blocks, np.ndarray) else jnp
   order = xp.argsort(~full, axis=-1, stable=True)
+  num_full = full.sum(-1)
+  if descending:
+    i = xp.arange(blocks.shape[-1])
+    nf = num_full[..., None]
+    order = xp.take_along_axis(order, xp.where(i < nf, nf - 1 - i, i), axis=-1)
   blocks = xp.take_along_axis(blocks, order, axis=-1)
-  return Lists(blocks.astype(xp.int32), full.sum(-1).astype(xp.int32),
+  return Lists(blocks.astype(xp.int32), num_full.astype(xp.int32),
                count.astype(xp.int32))
 
 
-def _lists(meta: block_mask.BlockMetadata) -> tuple[Lists, Lists]:
+def _lists(meta: block_mask.BlockMetadata, cfg: Config) -> tuple[Lists, Lists]:
   return (_full_first(meta.kv_blocks, meta.kv_full, meta.kv_counts),
-          _full_first(meta.q_blocks, meta.q_full, meta.q_counts))
+          _full_first(meta.q_blocks, meta.q_full, meta.q_counts,
+                      descending=cfg.dkv_order == "descending"))
 
 
 # ----------------------------------------------------------------------------
@@ -142,11 +164,57 @@ class KvSchedule(NamedTuple):
   ``tile_index * max_parts + part``, and ``merge_tiles[tile_index]`` names the
   split tile, ``merge_valid[tile_index, part]`` says which parts exist.
   Without split tiles both merge arrays are empty and the kernel has no
-  partial outputs.
+  partial outputs. Items are in per-CTA order (see ``CtaWork``).
   """
   items: Any        # int32 [n_items, 6]
+  bounds: Any       # int32 [num_ctas + 1]
   merge_tiles: Any  # int32 [n_split, 3]: b, kv head, key tile
   merge_valid: Any  # bool  [n_split, max_parts]
+
+
+class CtaWork(NamedTuple):
+  """Work items in per-CTA order: CTA ``c`` runs ``items[bounds[c]:bounds[c + 1]]``."""
+  items: Any   # int32 [n_items, k]
+  bounds: Any  # int32 [num_ctas + 1]
+
+
+def _assign_to_ctas(items, work, cfg: Config) -> CtaWork:
+  """Groups ``items`` (with ``work`` in list entries each) into CTA runs.
+
+  Host (numpy) work with ``cfg.persistent``: ``min(num_sms, n)`` CTAs, by
+  greedy list scheduling in the given order (heaviest classes first, grid
+  order inside): each item goes to the CTA with the least work so far (fixed
+  cost per item included). That is what the hardware's CTA scheduler does
+  with one CTA per item, so CTAs running at the same time still work on
+  neighbouring tiles of one head (shared K/V or Q/dO in L2); an exact
+  longest-first order spread them over all heads and made dense causal 13%
+  slower on the H100. ``schedule="grid"``: plain round robin instead.
+
+  Device (traced) work, or ``persistent=False``: one CTA per item. A static
+  deal of device-built lists (the count per CTA must be static, so round
+  robin) measured slower than the hardware's dynamic scheduling on the H100:
+  packed 4K documents at 32K +23% forward, strided 1/16 at 128K +8% fwd+bwd.
+  """
+  n = items.shape[0]
+  if not cfg.persistent or n <= 1 or not isinstance(work, np.ndarray):
+    xp = np if isinstance(work, np.ndarray) else jnp
+    return CtaWork(items, xp.arange(n + 1, dtype=xp.int32))
+  num_ctas = min(cfg.num_sms, n)
+  if cfg.schedule == "grid":
+    owner = np.arange(n) % num_ctas
+  else:
+    cost = work.astype(np.float64) + _ITEM_OVERHEAD
+    owner = np.empty(n, np.int64)
+    heap = [(0.0, c) for c in range(num_ctas)]
+    for i in range(n):
+      load, c = heapq.heappop(heap)
+      owner[i] = c
+      heapq.heappush(heap, (load + cost[i], c))
+  # Each CTA's items, in the given order, one CTA after the other.
+  by_cta = np.argsort(owner, kind="stable")
+  bounds = np.concatenate([[0], np.cumsum(np.bincount(owner,
+                                                      minlength=num_ctas))])
+  return CtaWork(items[by_cta], bounds.astype(np.int32))
 
 
 def _grid_order(shape, reverse_last: bool, xp):
@@ -175,20 +243,21 @@ def _heaviest_first(work, xp):
   return xp.argsort(-xp.frexp(fp)[1], stable=True)
 
 
-def _row_schedule(counts, batch: int, heads: int, schedule: str):
-  """Forward / dQ launch order: int32 ``[B * N * n, 3]`` rows (b, head, tile).
+def _row_schedule(counts, batch: int, heads: int, cfg: Config) -> CtaWork:
+  """Forward / dQ work: int32 rows (b, head, query tile) per CTA.
 
   ``counts [Bm, Hm, n]``: list lengths per query tile (numpy or jnp); see
-  ``_heaviest_first`` for the ``"heaviest"`` order.
+  ``_heaviest_first`` for the ``"heaviest"`` order and ``_assign_to_ctas``.
   """
   xp = np if isinstance(counts, np.ndarray) else jnp
   n = counts.shape[-1]
   h, t, b = _grid_order((heads, n, batch), True, xp)
-  if schedule == "heaviest":
-    order = _heaviest_first(xp.broadcast_to(counts, (batch, heads, n))[b, h, t],
-                            xp)
-    h, t, b = h[order], t[order], b[order]
-  return xp.stack([b, h, t], axis=-1).astype(xp.int32)
+  work = xp.broadcast_to(counts, (batch, heads, n))[b, h, t]
+  if cfg.schedule == "heaviest":
+    order = _heaviest_first(work, xp)
+    h, t, b, work = h[order], t[order], b[order], work[order]
+  rows = xp.stack([b, h, t], axis=-1).astype(xp.int32)
+  return _assign_to_ctas(rows, work, cfg)
 
 
 def _group_counts(counts, batch: int, heads: int, kv_heads: int):
@@ -202,10 +271,14 @@ def _group_counts(counts, batch: int, heads: int, kv_heads: int):
 def _split_sizes(total, cfg: Config) -> tuple[float, int]:
   """(threshold, part size): lists longer than the threshold are split.
 
-  Automatic: a list heavier than 3/4 of the mean work per SM would end late
-  even when launched first, so it is cut into parts of at most half the mean
-  (never shorter than ``_MIN_PART`` entries). Lists below the threshold stay
-  whole: splitting costs a float32 partial write and read per part.
+  Automatic: a list heavier than the mean work per SM (3/4 of it with one
+  CTA per item, where a launch order cannot keep a CTA free for it) would end
+  late even when started first, so it is cut into parts of at most half the
+  mean (never shorter than ``_MIN_PART`` entries). Lists below the threshold
+  stay whole: splitting costs a float32 partial write and read per part, and
+  the shared memory of their staging buffer, which otherwise double-buffers
+  K/V across persistent items (without it each short item waits for its
+  store and then for its K/V load: ~15 us per one-entry item on the H100).
   """
   if cfg.dkv_split == 0:
     return math.inf, 0
@@ -213,7 +286,8 @@ def _split_sizes(total, cfg: Config) -> tuple[float, int]:
     return cfg.dkv_split, cfg.dkv_split
   w = np.asarray(total, np.float64)
   mean = (w.sum() + w.size * _ITEM_OVERHEAD) / cfg.num_sms
-  return max(_MIN_PART, 0.75 * mean), max(_MIN_PART, int(0.5 * mean))
+  threshold = mean if cfg.persistent else 0.75 * mean
+  return max(_MIN_PART, threshold), max(_MIN_PART, int(0.5 * mean))
 
 
 def _kv_schedule(counts, batch: int, heads: int, kv_heads: int,
@@ -251,7 +325,9 @@ def _kv_schedule(counts, batch: int, heads: int, kv_heads: int,
   items = items.astype(xp.int32)
   if cfg.schedule == "heaviest":
     items = items[_heaviest_first(items[:, 4] - items[:, 3], xp)]
-  return KvSchedule(items, merge_tiles.astype(np.int32), merge_valid)
+  work = _assign_to_ctas(items, items[:, 4] - items[:, 3], cfg)
+  return KvSchedule(work.items, work.bounds, merge_tiles.astype(np.int32),
+                    merge_valid)
 
 
 def _merge_split_tiles(d, partials, sched: KvSchedule):
@@ -399,11 +475,53 @@ def _list_index(lists_shape, b, h):
   return bm, hm
 
 
-def _forward(q, k, v, q_seg, kv_seg, offsets, rows, lists: Lists,
+# Shared memory per CTA on sm_90 (227 KiB) less a reserve for what Mosaic
+# adds to our buffers (barriers, alignment): the forward with a 3-deep ring
+# (224.5 KiB of buffers) overflowed by 120 bytes.
+_SMEM_LIMIT = 227 * 1024 - 4096
+
+
+def _num_buffers(fixed_bytes: int, per_item_bytes: int) -> int:
+  """2 if the per-item inputs fit twice (the next item's inputs then load
+  while this one runs), else 1."""
+  return 2 if fixed_bytes + 2 * per_item_bytes <= _SMEM_LIMIT else 1
+
+
+def _item_loop(first, last, num_buffers: int, load, body, init):
+  """Runs ``carry = body(idx, buf, carry)`` over a CTA's items ``[first, last)``.
+
+  ``load(idx, buf)`` issues the TMA loads of item ``idx``'s own inputs (Q
+  rows, or K/V rows) into buffer ``buf``; an item stages its output in the
+  buffer of its inputs. Before an item starts, the previous item's output
+  store must have read its staging buffer; with two buffers the next item's
+  inputs are loaded while this one runs, with one they are loaded first.
+  Waits for every store at the end.
+  """
+  pl, plgpu = _gpu_modules()
+  if num_buffers == 2:
+    pl.when(first < last)(lambda: load(first, 0))
+
+  def item(idx, carry):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if num_buffers == 1:
+      load(idx, 0)
+      return body(idx, 0, carry)
+    buf = lax.rem(idx - first, jnp.int32(2))
+    pl.when(idx + 1 < last)(lambda: load(idx + 1, 1 - buf))
+    return body(idx, buf, carry)
+
+  carry = lax.fori_loop(first, last, item, init)
+  plgpu.wait_smem_to_gmem(0)
+  return carry
+
+
+def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
              st: _Statics):
   """Returns (out [B,T,N,H], lse [B,N,T] float32, natural log).
 
-  One CTA per row of ``rows`` ((b, head, query tile), heaviest first).
+  Each CTA walks its run of ``rows`` ((b, head, query tile) items); the K/V
+  ring's step counter runs on across items, so the producer streams the
+  next item's tiles while the consumers finish the current one.
   """
   pl, plgpu = _gpu_modules()
   B, T, N, H = q.shape
@@ -416,16 +534,21 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows, lists: Lists,
   ROW = plgpu.Layout.WGMMA.reduce(1)
   COL = plgpu.Layout.WGMMA.reduce(0)
   WGMMA = plgpu.Layout.WGMMA
+  size = jnp.dtype(dtype).itemsize
+  nbuf = _num_buffers(2 * ns * bk * H * size + 2 * bq * 4, 2 * bq * H * size)
 
   def kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, off_ref, rows_ref,
-             blk_ref, nfull_ref, cnt_ref, out_ref, lse_ref, q_smem2, k_smem,
-             v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched):
-    item = lax.axis_index("items")
-    b, h, qt = (rows_ref[item, i] for i in range(3))
+             bounds_ref, blk_ref, nfull_ref, cnt_ref, out_ref, lse_ref,
+             q_smems, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free,
+             v_free, sched):
+    cta = lax.axis_index("ctas")
+    first, last = bounds_ref[cta], bounds_ref[cta + 1]
     wg = lax.axis_index("wg")
-    bm, hm = _list_index(blk_ref.shape, b, h)
-    n_full = nfull_ref[bm, hm, qt]
-    n_tot = cnt_ref[bm, hm, qt]
+
+    def item_info(idx):
+      b, h, qt = (rows_ref[idx, i] for i in range(3))
+      bm, hm = _list_index(blk_ref.shape, b, h)
+      return b, h, qt, bm, hm
 
     def sched_barrier():
       plgpu.barrier_arrive(sched)
@@ -434,130 +557,142 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows, lists: Lists,
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      q_smem = q_smem2.at[wg]
       lse_smem = lse_smem2.at[wg]
-      q_row0 = qt * (2 * bq) + wg * bq
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row0, bq), h], q_smem,
-                              q_bar.at[wg])
       offs = (off_ref[0], off_ref[1])
-      q_seg = None
-      if st.has_segments and st.has_partial:
-        q_seg = plgpu.load(qseg_ref.at[b, pl.ds(q_row0, bq)], layout=ROW,
-                           optimized=False)
-      plgpu.barrier_wait(q_bar.at[wg])
-      m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, f32), ROW)
-      l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, f32), ROW)
-      acc = plgpu.layout_cast(jnp.full((bq, H), 0.0, f32), WGMMA)
 
-      @pl.when(n_tot > 0)
-      def _():
-        plgpu.barrier_wait(k_bar.at[0])
+      def load_q(idx, buf):
+        b, h, qt, _, _ = item_info(idx)
+        q_row0 = qt * (2 * bq) + wg * bq
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_row0, bq), h],
+                                q_smems.at[2 * buf + wg],
+                                q_bar.at[2 * buf + wg])
 
-      pl.when(wg == 1)(sched_barrier)
+      def run_item(idx, buf, g0):
+        b, h, qt, bm, hm = item_info(idx)
+        n_full = nfull_ref[bm, hm, qt]
+        n_tot = cnt_ref[bm, hm, qt]
+        q_smem = q_smems.at[2 * buf + wg]
+        q_row0 = qt * (2 * bq) + wg * bq
+        q_seg = None
+        if st.has_segments and st.has_partial:
+          q_seg = plgpu.load(qseg_ref.at[b, pl.ds(q_row0, bq)], layout=ROW,
+                             optimized=False)
+        plgpu.barrier_wait(q_bar.at[2 * buf + wg])
+        m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, f32), ROW)
+        l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, f32), ROW)
+        acc = plgpu.layout_cast(jnp.full((bq, H), 0.0, f32), WGMMA)
 
-      def step(t, carry, masked: bool):
+        @pl.when(n_tot > 0)
+        def _():
+          plgpu.barrier_wait(k_bar.at[lax.rem(g0, jnp.int32(ns))])
+
+        pl.when(wg == 1)(sched_barrier)
+
+        def step(t, carry, masked: bool):
+          acc, m_i, l_i = carry
+          slot = lax.rem(g0 + t, jnp.int32(ns))
+
+          def compute_qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+            sched_barrier()
+            return acc_ref[...]
+
+          s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), f32))
+          plgpu.barrier_arrive(k_free.at[slot])
+          s, _ = _logits(s, st)
+          if masked:
+            k_row0 = blk_ref[bm, hm, qt, t] * bk
+            kv_seg = None
+            if st.has_segments:
+              kv_seg = plgpu.load(kvseg_ref.at[b, pl.ds(k_row0, bk)],
+                                  layout=COL, optimized=False)
+            vis = _visible(st, plgpu, (bq, bk), 0, q_row0, k_row0, offs, h,
+                           q_seg, kv_seg)
+            s = jnp.where(vis, s, -jnp.inf)
+          m_new = jnp.maximum(m_i, s.max(axis=1))
+          if masked:  # A row may have seen no visible key yet.
+            m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+          else:
+            m_sub = m_new
+          alpha = jnp.exp2(m_i - m_sub)
+          p = jnp.exp2(s - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+          acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+          l_i *= alpha
+          p16 = p.astype(dtype)
+          l_i += p.sum(axis=1)
+          acc, l_i, m_new, p16 = lax.optimization_barrier(
+              (acc, l_i, m_new, p16))
+          plgpu.barrier_arrive(sched)
+          plgpu.barrier_wait(v_bar.at[slot])
+          plgpu.barrier_wait(sched)
+
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            nxt = t + 1
+
+            @pl.when(nxt < n_tot)
+            def _():
+              plgpu.barrier_wait(k_bar.at[lax.rem(g0 + nxt, jnp.int32(ns))])
+
+          acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+          plgpu.barrier_arrive(v_free.at[slot])
+          return acc, m_new, l_i
+
+        carry = (acc, m_i, l_i)
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                              carry)
+        if st.has_partial:
+          carry = lax.fori_loop(n_full, n_tot,
+                                functools.partial(step, masked=True), carry)
         acc, m_i, l_i = carry
-        slot = lax.rem(t, jnp.int32(ns))
+        pl.when(wg == 0)(sched_barrier)
 
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-          sched_barrier()
-          return acc_ref[...]
+        empty = l_i == 0.0
+        l_safe = jnp.where(empty, 1.0, l_i)
+        acc *= lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+        q_smem[...] = acc.astype(dtype)
+        lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_row0, bq), h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_row0, bq)])
+        return g0 + n_tot
 
-        s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), f32))
-        plgpu.barrier_arrive(k_free.at[slot])
-        s, _ = _logits(s, st)
-        if masked:
-          k_row0 = blk_ref[bm, hm, qt, t] * bk
-          kv_seg = None
-          if st.has_segments:
-            kv_seg = plgpu.load(kvseg_ref.at[b, pl.ds(k_row0, bk)],
-                                layout=COL, optimized=False)
-          vis = _visible(st, plgpu, (bq, bk), 0, q_row0, k_row0, offs, h,
-                         q_seg, kv_seg)
-          s = jnp.where(vis, s, -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        if masked:  # A row may have seen no visible key yet.
-          m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        else:
-          m_sub = m_new
-        alpha = jnp.exp2(m_i - m_sub)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_sub, s.shape, [0]))
-        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_i *= alpha
-        p16 = p.astype(dtype)
-        l_i += p.sum(axis=1)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_wait(sched)
-
-        def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          nxt = t + 1
-
-          @pl.when(nxt < n_tot)
-          def _():
-            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(ns))])
-
-        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l_i
-
-      carry = (acc, m_i, l_i)
-      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
-                            carry)
-      if st.has_partial:
-        carry = lax.fori_loop(n_full, n_tot,
-                              functools.partial(step, masked=True), carry)
-      acc, m_i, l_i = carry
-      pl.when(wg == 0)(sched_barrier)
-
-      empty = l_i == 0.0
-      l_safe = jnp.where(empty, 1.0, l_i)
-      acc *= lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-      q_smem[...] = acc.astype(dtype)
-      lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q_row0, bq), h])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_row0, bq)])
-      plgpu.wait_smem_to_gmem(0)
+      _item_loop(first, last, nbuf, load_q, run_item, jnp.int32(0))
 
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      kvh = lax.div(h, jnp.int32(G))
 
-      def issue(t, slot):
-        rows = (b, pl.ds(blk_ref[bm, hm, qt, t] * bk, bk), kvh)
-        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot],
-                                k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot],
-                                v_bar.at[slot])
+      def run_item(idx, g0):
+        b, h, qt, bm, hm = item_info(idx)
+        n_tot = cnt_ref[bm, hm, qt]
+        kvh = lax.div(h, jnp.int32(G))
 
-      for i in range(ns):
-        pl.when(i < n_tot)(functools.partial(issue, i, i))
+        @pl.loop(0, n_tot)
+        def _(t):
+          g = g0 + t
+          slot = lax.rem(g, jnp.int32(ns))
+          rows = (b, pl.ds(blk_ref[bm, hm, qt, t] * bk, bk), kvh)
+          for ref, smem, bar, free in ((k_ref, k_smem, k_bar, k_free),
+                                       (v_ref, v_smem, v_bar, v_free)):
+            @pl.when(g >= ns)
+            def _():
+              plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
+            plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bar.at[slot])
 
-      @pl.loop(0, jnp.maximum(n_tot - ns, 0))
-      def _(t):
-        slot = lax.rem(t, jnp.int32(ns))
-        rows = (b, pl.ds(blk_ref[bm, hm, qt, t + ns] * bk, bk), kvh)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot],
-                                k_bar.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot],
-                                v_bar.at[slot])
+        return g0 + n_tot
+
+      lax.fori_loop(first, last, run_item, jnp.int32(0))
 
   tr = _smem_transforms(plgpu)
   scratch = [
-      plgpu.SMEM((2, bq, H), dtype, transforms=tr),
+      plgpu.SMEM((2 * nbuf, bq, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
       plgpu.SMEM((2, bq), f32),
       plgpu.Barrier(num_barriers=ns),
       plgpu.Barrier(num_barriers=ns),
-      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2 * nbuf),
       plgpu.Barrier(num_arrivals=2, num_barriers=ns),
       plgpu.Barrier(num_arrivals=2, num_barriers=ns),
       plgpu.Barrier(num_arrivals=2),
@@ -567,20 +702,20 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows, lists: Lists,
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((B, N, T), f32)],
       scratch_types=scratch,
-      grid=(rows.shape[0],),
-      grid_names=("items",),
+      grid=(rows.bounds.shape[0] - 1,),
+      grid_names=("ctas",),
       num_threads=3,
       thread_name="wg",
       kernel_name="lcjax_attention_fwd",
       compiler_params=_compiler_params(plgpu),
-  )(q, k, v, q_seg, kv_seg, offsets, rows, *lists)
+  )(q, k, v, q_seg, kv_seg, offsets, rows.items, rows.bounds, *lists)
 
 
-def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows,
-                 lists: Lists, st: _Statics):
-  """dQ: per 128-row query tile (rows of ``rows``), over its key list.
+def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
+                 rows: CtaWork, lists: Lists, st: _Statics):
+  """dQ: per 128-row query tile (items of ``rows``), over its key list.
 
-  Returns dq [B,T,N,H].
+  Persistent like ``_forward``. Returns dq [B,T,N,H].
   """
   pl, plgpu = _gpu_modules()
   B, T, N, H = q.shape
@@ -595,117 +730,144 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows,
   ROW = plgpu.Layout.WGMMA.reduce(1)
   COL = plgpu.Layout.WGMMA.reduce(0)
   WGMMA = plgpu.Layout.WGMMA
+  size = jnp.dtype(dtype).itemsize
+  nbuf = _num_buffers(2 * ns * bk * H * size,
+                      2 * (2 * bq * H * size + 2 * bq * 4))
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
-             kvseg_ref, off_ref, rows_ref, blk_ref, nfull_ref, cnt_ref, dq_ref,
-             q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-             in_bars, k_bar, v_bar, k_free, v_free):
-    item = lax.axis_index("items")
-    b, h, qt = (rows_ref[item, i] for i in range(3))
+             kvseg_ref, off_ref, rows_ref, bounds_ref, blk_ref, nfull_ref,
+             cnt_ref, dq_ref, q_smems, do_smems, lse_smems, delta_smems,
+             k_smem, v_smem, in_bars, k_bar, v_bar, k_free, v_free):
+    cta = lax.axis_index("ctas")
+    first, last = bounds_ref[cta], bounds_ref[cta + 1]
     wg = lax.axis_index("wg")
-    bm, hm = _list_index(blk_ref.shape, b, h)
-    n_full = nfull_ref[bm, hm, qt] * split
-    n_tot = cnt_ref[bm, hm, qt] * split
 
-    def kv_row0(t):
+    def item_info(idx):
+      b, h, qt = (rows_ref[idx, i] for i in range(3))
+      bm, hm = _list_index(blk_ref.shape, b, h)
+      return b, h, qt, bm, hm
+
+    def kv_row0(bm, hm, qt, t):
       blk = blk_ref[bm, hm, qt, lax.div(t, jnp.int32(split))]
       return blk * _META_BLOCK + lax.rem(t, jnp.int32(split)) * bk
 
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-      lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
-      q_row0 = qt * _META_BLOCK + wg * bq
-      rows = pl.ds(q_row0, bq)
-      srcs = (q_ref.at[b, rows, h], do_ref.at[b, rows, h],
-              lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
-      dsts = (q_smem, do_smem, lse_smem, delta_smem)
-      for src, dst, bar in zip(srcs, dsts, in_bars):
-        plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
       offs = (off_ref[0], off_ref[1])
-      q_seg = None
-      if st.has_segments and st.has_partial:
-        q_seg = plgpu.load(qseg_ref.at[b, rows], layout=ROW, optimized=False)
-      for bar in in_bars:
-        plgpu.barrier_wait(bar.at[wg])
-      lse = plgpu.load(lse_smem, layout=ROW)
-      delta = plgpu.load(delta_smem, layout=ROW)
-      dq = plgpu.layout_cast(jnp.full((bq, H), 0.0, f32), WGMMA)
+      smems = (q_smems, do_smems, lse_smems, delta_smems)
 
-      def step(t, dq, masked: bool):
-        slot = lax.rem(t, jnp.int32(ns))
-        plgpu.barrier_wait(k_bar.at[slot])
+      def load_inputs(idx, buf):
+        b, h, qt, _, _ = item_info(idx)
+        rows = pl.ds(qt * _META_BLOCK + wg * bq, bq)
+        srcs = (q_ref.at[b, rows, h], do_ref.at[b, rows, h],
+                lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
+        for src, dst, bar in zip(srcs, smems, in_bars):
+          plgpu.copy_gmem_to_smem(src, dst.at[2 * buf + wg],
+                                  bar.at[2 * buf + wg])
 
-        def compute_s(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-          return acc_ref[...]
+      def run_item(idx, buf, g0):
+        b, h, qt, bm, hm = item_info(idx)
+        n_full = nfull_ref[bm, hm, qt] * split
+        n_tot = cnt_ref[bm, hm, qt] * split
+        q_smem, do_smem, lse_smem, delta_smem = (s.at[2 * buf + wg]
+                                                 for s in smems)
+        q_row0 = qt * _META_BLOCK + wg * bq
+        rows = pl.ds(q_row0, bq)
+        q_seg = None
+        if st.has_segments and st.has_partial:
+          q_seg = plgpu.load(qseg_ref.at[b, rows], layout=ROW, optimized=False)
+        for bar in in_bars:
+          plgpu.barrier_wait(bar.at[2 * buf + wg])
+        lse = plgpu.load(lse_smem, layout=ROW)
+        delta = plgpu.load(delta_smem, layout=ROW)
+        dq = plgpu.layout_cast(jnp.full((bq, H), 0.0, f32), WGMMA)
 
-        s = pl.run_scoped(compute_s, plgpu.ACC((bq, bk), f32))
-        s, tanh = _logits(s, st)
-        if masked:
-          k_row0 = kv_row0(t)
-          kv_seg = None
-          if st.has_segments:
-            kv_seg = plgpu.load(kvseg_ref.at[b, pl.ds(k_row0, bk)],
-                                layout=COL, optimized=False)
-          vis = _visible(st, plgpu, (bq, bk), 0, q_row0, k_row0, offs, h,
-                         q_seg, kv_seg)
-          s = jnp.where(vis, s, -jnp.inf)
-        p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-        plgpu.barrier_wait(v_bar.at[slot])
+        def step(t, dq, masked: bool):
+          slot = lax.rem(g0 + t, jnp.int32(ns))
+          plgpu.barrier_wait(k_bar.at[slot])
 
-        def compute_dp(acc_ref):
-          plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].T)
-          return acc_ref[...]
+          def compute_s(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+            return acc_ref[...]
 
-        dp = pl.run_scoped(compute_dp, plgpu.ACC((bq, bk), f32))
-        plgpu.barrier_arrive(v_free.at[slot])
-        ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-        if tanh is not None:
-          ds = ds * (1.0 - tanh * tanh)
+          s = pl.run_scoped(compute_s, plgpu.ACC((bq, bk), f32))
+          s, tanh = _logits(s, st)
+          if masked:
+            k_row0 = kv_row0(bm, hm, qt, t)
+            kv_seg = None
+            if st.has_segments:
+              kv_seg = plgpu.load(kvseg_ref.at[b, pl.ds(k_row0, bk)],
+                                  layout=COL, optimized=False)
+            vis = _visible(st, plgpu, (bq, bk), 0, q_row0, k_row0, offs, h,
+                           q_seg, kv_seg)
+            s = jnp.where(vis, s, -jnp.inf)
+          p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+          plgpu.barrier_wait(v_bar.at[slot])
 
-        def compute_dq(acc_ref):
-          plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+          def compute_dp(acc_ref):
+            plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].T)
+            return acc_ref[...]
 
-        dq = pl.run_state(compute_dq)(plgpu.ACC.init(dq))
-        plgpu.barrier_arrive(k_free.at[slot])
-        return dq
+          dp = pl.run_scoped(compute_dp, plgpu.ACC((bq, bk), f32))
+          plgpu.barrier_arrive(v_free.at[slot])
+          ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+          if tanh is not None:
+            ds = ds * (1.0 - tanh * tanh)
 
-      dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
-      if st.has_partial:
-        dq = lax.fori_loop(n_full, n_tot, functools.partial(step, masked=True),
+          def compute_dq(acc_ref):
+            plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+          dq = pl.run_state(compute_dq)(plgpu.ACC.init(dq))
+          plgpu.barrier_arrive(k_free.at[slot])
+          return dq
+
+        dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
                            dq)
-      q_smem[...] = (dq * st.scale).astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
-      plgpu.wait_smem_to_gmem(0)
+        if st.has_partial:
+          dq = lax.fori_loop(n_full, n_tot,
+                             functools.partial(step, masked=True), dq)
+        q_smem[...] = (dq * st.scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+        return g0 + n_tot
+
+      _item_loop(first, last, nbuf, load_inputs, run_item, jnp.int32(0))
 
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      kvh = lax.div(h, jnp.int32(G))
 
-      @pl.loop(0, n_tot)
-      def _(t):
-        slot = lax.rem(t, jnp.int32(ns))
-        rows = (b, pl.ds(kv_row0(t), bk), kvh)
-        for ref, smem, bar, free in ((k_ref, k_smem, k_bar, k_free),
-                                     (v_ref, v_smem, v_bar, v_free)):
-          @pl.when(t >= ns)
-          def _():
-            plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
-          plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bar.at[slot])
+      def run_item(idx, g0):
+        b, h, qt, bm, hm = item_info(idx)
+        n_tot = cnt_ref[bm, hm, qt] * split
+        kvh = lax.div(h, jnp.int32(G))
+
+        @pl.loop(0, n_tot)
+        def _(t):
+          g = g0 + t
+          slot = lax.rem(g, jnp.int32(ns))
+          rows = (b, pl.ds(kv_row0(bm, hm, qt, t), bk), kvh)
+          for ref, smem, bar, free in ((k_ref, k_smem, k_bar, k_free),
+                                       (v_ref, v_smem, v_bar, v_free)):
+            @pl.when(g >= ns)
+            def _():
+              plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
+            plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bar.at[slot])
+
+        return g0 + n_tot
+
+      lax.fori_loop(first, last, run_item, jnp.int32(0))
 
   tr = _smem_transforms(plgpu)
   scratch = [
-      plgpu.SMEM((2, bq, H), dtype, transforms=tr),
-      plgpu.SMEM((2, bq, H), dtype, transforms=tr),
-      plgpu.SMEM((2, bq), f32),
-      plgpu.SMEM((2, bq), f32),
+      plgpu.SMEM((2 * nbuf, bq, H), dtype, transforms=tr),
+      plgpu.SMEM((2 * nbuf, bq, H), dtype, transforms=tr),
+      plgpu.SMEM((2 * nbuf, bq), f32),
+      plgpu.SMEM((2 * nbuf, bq), f32),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
-      tuple(plgpu.Barrier(num_barriers=2) for _ in range(4)),
+      tuple(plgpu.Barrier(num_barriers=2 * nbuf) for _ in range(4)),
       plgpu.Barrier(num_barriers=ns),
       plgpu.Barrier(num_barriers=ns),
       plgpu.Barrier(num_arrivals=2, num_barriers=ns),
@@ -715,19 +877,21 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows,
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=scratch,
-      grid=(rows.shape[0],),
-      grid_names=("items",),
+      grid=(rows.bounds.shape[0] - 1,),
+      grid_names=("ctas",),
       num_threads=3,
       thread_name="wg",
       kernel_name="lcjax_attention_dq",
       compiler_params=_compiler_params(plgpu),
-  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, *lists)
+  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows.items, rows.bounds,
+    *lists)
 
 
 def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
                   lists: Lists, sched: KvSchedule, st: _Statics):
   """dK, dV per work item of ``sched``: a key tile of 128 rows and a range of
-  its transposed lists over the GQA group's query heads.
+  its transposed lists over the GQA group's query heads. Persistent like
+  ``_forward`` (the Q/dO ring's step counter runs on across items).
 
   Returns (dk, dv, dk_parts, dv_parts): dk/dv [B,S,KH,H] hold the tiles of
   unsplit items (split tiles are left unwritten); the parts are float32
@@ -748,153 +912,171 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
   ROW = plgpu.Layout.WGMMA.reduce(1)
   COL = plgpu.Layout.WGMMA.reduce(0)
   WGMMA = plgpu.Layout.WGMMA
+  size = jnp.dtype(dtype).itemsize
+  ring_bytes = ns * 2 * (bq * H * size + bq * 4)
+  part_bytes = 2 * bk * H * 4 if n_slots else 0
+  nbuf = _num_buffers(ring_bytes + part_bytes, 2 * 2 * bk * H * size)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
-             kvseg_ref, off_ref, items_ref, blk_ref, nfull_ref, cnt_ref,
-             *outs_and_scratch):
+             kvseg_ref, off_ref, items_ref, bounds_ref, blk_ref, nfull_ref,
+             cnt_ref, *outs_and_scratch):
     if n_slots:
       dk_ref, dv_ref, dkp_ref, dvp_ref, *scratch = outs_and_scratch
       part_smem2, *scratch = scratch
     else:
       dk_ref, dv_ref, *scratch = outs_and_scratch
-    (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
+    (k_smems, v_smems, q_smem, do_smem, lse_smem, delta_smem,
      k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar,
      q_free, do_free, lse_free, delta_free) = scratch
-    item = lax.axis_index("items")
-    b, kvh, kt, start, end, part_slot = (items_ref[item, i] for i in range(6))
+    cta = lax.axis_index("ctas")
+    first, last = bounds_ref[cta], bounds_ref[cta + 1]
     wg = lax.axis_index("wg")
 
-    def head_lists(g):
+    def item_info(idx):
+      return tuple(items_ref[idx, i] for i in range(6))
+
+    def head_lists(b, kvh, kt, g):
       hq = kvh * G + g
       bm, hm = _list_index(blk_ref.shape, b, hq)
       return hq, bm, hm, nfull_ref[bm, hm, kt], cnt_ref[bm, hm, kt]
 
-    def q_row0(bm, hm, j):
+    def q_row0(bm, hm, kt, j):
       blk = blk_ref[bm, hm, kt, lax.div(j, jnp.int32(split))]
       return blk * _META_BLOCK + lax.rem(j, jnp.int32(split)) * bq
 
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-      k_row0 = kt * _META_BLOCK + wg * bk
-      rows = pl.ds(k_row0, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem, k_bar.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem, v_bar.at[wg])
       offs = (off_ref[0], off_ref[1])
-      kv_seg = None
-      if st.has_segments and st.has_partial:
-        kv_seg = plgpu.load(kvseg_ref.at[b, rows], layout=ROW,
-                            optimized=False)
-      plgpu.barrier_wait(k_bar.at[wg])
-      plgpu.barrier_wait(v_bar.at[wg])
       zeros = plgpu.layout_cast(jnp.full((bk, H), 0.0, f32), WGMMA)
 
-      def step(j, carry, hq, bm, hm, masked: bool):
-        dk, dv, t = carry
-        slot = lax.rem(t, jnp.int32(ns))
-        plgpu.barrier_wait(q_bar.at[slot])
+      def load_kv(idx, buf):
+        b, kvh, kt, *_ = item_info(idx)
+        rows = pl.ds(kt * _META_BLOCK + wg * bk, bk)
+        for ref, smems, bar in ((k_ref, k_smems, k_bar),
+                                (v_ref, v_smems, v_bar)):
+          plgpu.copy_gmem_to_smem(ref.at[b, rows, kvh], smems.at[2 * buf + wg],
+                                  bar.at[2 * buf + wg])
 
-        def compute_st(acc_ref):
-          plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
-          return acc_ref[...]
+      def run_item(idx, buf, t0):
+        b, kvh, kt, start, end, part_slot = item_info(idx)
+        k_smem, v_smem = k_smems.at[2 * buf + wg], v_smems.at[2 * buf + wg]
+        k_row0 = kt * _META_BLOCK + wg * bk
+        rows = pl.ds(k_row0, bk)
+        kv_seg = None
+        if st.has_segments and st.has_partial:
+          kv_seg = plgpu.load(kvseg_ref.at[b, rows], layout=ROW,
+                              optimized=False)
+        plgpu.barrier_wait(k_bar.at[2 * buf + wg])
+        plgpu.barrier_wait(v_bar.at[2 * buf + wg])
 
-        s_t = pl.run_scoped(compute_st, plgpu.ACC((bk, bq), f32))
-        s_t, tanh = _logits(s_t, st)
-        if masked:
-          q0 = q_row0(bm, hm, j)
-          q_seg = None
-          if st.has_segments:
-            q_seg = plgpu.load(qseg_ref.at[b, pl.ds(q0, bq)], layout=COL,
-                               optimized=False)
-          vis = _visible(st, plgpu, (bk, bq), 1, q0, k_row0, offs, hq,
-                         q_seg, kv_seg)
-          s_t = jnp.where(vis, s_t, -jnp.inf)
-        plgpu.barrier_wait(lse_bar.at[slot])
-        lse = plgpu.load(lse_smem.at[slot], layout=COL)
-        plgpu.barrier_arrive(lse_free.at[slot])
-        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-        plgpu.barrier_wait(do_bar.at[slot])
+        def step(j, carry, hq, bm, hm, masked: bool):
+          dk, dv, t = carry
+          slot = lax.rem(t, jnp.int32(ns))
+          plgpu.barrier_wait(q_bar.at[slot])
 
-        def compute_dv_dpt(refs):
-          dv_ref, dpt_ref = refs
-          plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
-          plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].T)
+          def compute_st(acc_ref):
+            plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
+            return acc_ref[...]
 
-        dpt0 = plgpu.layout_cast(jnp.full((bk, bq), 0.0, f32), WGMMA)
-        dv, dp_t = pl.run_state(compute_dv_dpt)(
-            (plgpu.ACC.init(dv), plgpu.ACC.init(dpt0)))
-        plgpu.barrier_arrive(do_free.at[slot])
-        plgpu.barrier_wait(delta_bar.at[slot])
-        delta = plgpu.load(delta_smem.at[slot], layout=COL)
-        plgpu.barrier_arrive(delta_free.at[slot])
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-        if tanh is not None:
-          ds_t = ds_t * (1.0 - tanh * tanh)
+          s_t = pl.run_scoped(compute_st, plgpu.ACC((bk, bq), f32))
+          s_t, tanh = _logits(s_t, st)
+          if masked:
+            q0 = q_row0(bm, hm, kt, j)
+            q_seg = None
+            if st.has_segments:
+              q_seg = plgpu.load(qseg_ref.at[b, pl.ds(q0, bq)], layout=COL,
+                                 optimized=False)
+            vis = _visible(st, plgpu, (bk, bq), 1, q0, k_row0, offs, hq,
+                           q_seg, kv_seg)
+            s_t = jnp.where(vis, s_t, -jnp.inf)
+          plgpu.barrier_wait(lse_bar.at[slot])
+          lse = plgpu.load(lse_smem.at[slot], layout=COL)
+          plgpu.barrier_arrive(lse_free.at[slot])
+          p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+          plgpu.barrier_wait(do_bar.at[slot])
 
-        def compute_dk(acc_ref):
-          plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+          def compute_dv_dpt(refs):
+            dv_ref, dpt_ref = refs
+            plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
+            plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].T)
 
-        dk = pl.run_state(compute_dk)(plgpu.ACC.init(dk))
-        plgpu.barrier_arrive(q_free.at[slot])
-        return dk, dv, t + 1
+          dpt0 = plgpu.layout_cast(jnp.full((bk, bq), 0.0, f32), WGMMA)
+          dv, dp_t = pl.run_state(compute_dv_dpt)(
+              (plgpu.ACC.init(dv), plgpu.ACC.init(dpt0)))
+          plgpu.barrier_arrive(do_free.at[slot])
+          plgpu.barrier_wait(delta_bar.at[slot])
+          delta = plgpu.load(delta_smem.at[slot], layout=COL)
+          plgpu.barrier_arrive(delta_free.at[slot])
+          ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+          if tanh is not None:
+            ds_t = ds_t * (1.0 - tanh * tanh)
 
-      def head(g, carry):
-        dk, dv, t, offset = carry
-        hq, bm, hm, n_full, n_tot = head_lists(g)
-        lo, mid, hi = _item_bounds(start, end, offset, n_full, n_tot)
-        body = functools.partial(step, hq=hq, bm=bm, hm=hm)
-        acc = (dk, dv, t)
-        acc = lax.fori_loop(lo * split, mid * split,
-                            functools.partial(body, masked=False), acc)
-        if st.has_partial:
-          acc = lax.fori_loop(mid * split, hi * split,
-                              functools.partial(body, masked=True), acc)
-        return (*acc, offset + n_tot)
+          def compute_dk(acc_ref):
+            plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
 
-      dk, dv, _, _ = lax.fori_loop(
-          0, G, head, (zeros, zeros, jnp.int32(0), jnp.int32(0)))
-      dk = dk * st.scale
+          dk = pl.run_state(compute_dk)(plgpu.ACC.init(dk))
+          plgpu.barrier_arrive(q_free.at[slot])
+          return dk, dv, t + 1
 
-      def store_tile():
-        k_smem[...] = dk.astype(dtype)
-        v_smem[...] = dv.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, kvh],
-                                commit_group=False)
-        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, kvh],
-                                commit_group=False)
-        plgpu.commit_smem_to_gmem_group()
-        plgpu.wait_smem_to_gmem(0)
+        def head(g, carry):
+          dk, dv, t, offset = carry
+          hq, bm, hm, n_full, n_tot = head_lists(b, kvh, kt, g)
+          lo, mid, hi = _item_bounds(start, end, offset, n_full, n_tot)
+          body = functools.partial(step, hq=hq, bm=bm, hm=hm)
+          acc = (dk, dv, t)
+          acc = lax.fori_loop(lo * split, mid * split,
+                              functools.partial(body, masked=False), acc)
+          if st.has_partial:
+            acc = lax.fori_loop(mid * split, hi * split,
+                                functools.partial(body, masked=True), acc)
+          return (*acc, offset + n_tot)
 
-      if not n_slots:
-        store_tile()
-        return
-      pl.when(part_slot < 0)(store_tile)
+        dk, dv, t, _ = lax.fori_loop(
+            0, G, head, (zeros, zeros, t0, jnp.int32(0)))
+        dk = dk * st.scale
 
-      @pl.when(part_slot >= 0)
-      def _store_part():  # float32, one staging buffer: dK, then dV
-        part_smem = part_smem2.at[wg]
-        part_rows = pl.ds(wg * bk, bk)
-        for acc, dst in ((dk, dkp_ref), (dv, dvp_ref)):
-          part_smem[...] = acc
+        def store_tile():
+          k_smem[...] = dk.astype(dtype)
+          v_smem[...] = dv.astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(part_smem, dst.at[part_slot, part_rows])
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.wait_smem_to_gmem(0)
+          plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, kvh],
+                                  commit_group=False)
+          plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, kvh],
+                                  commit_group=False)
+          plgpu.commit_smem_to_gmem_group()
+
+        if not n_slots:
+          store_tile()
+          return t
+        pl.when(part_slot < 0)(store_tile)
+
+        @pl.when(part_slot >= 0)
+        def _store_part():  # float32, one staging buffer: dK, then dV
+          part_smem = part_smem2.at[wg]
+          part_rows = pl.ds(wg * bk, bk)
+          for acc, dst in ((dk, dkp_ref), (dv, dvp_ref)):
+            part_smem[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(part_smem, dst.at[part_slot, part_rows])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        return t
+
+      _item_loop(first, last, nbuf, load_kv, run_item, jnp.int32(0))
 
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      def head(g, carry):
+      def head(g, carry, b, kvh, kt, start, end):
         t, offset = carry
-        hq, bm, hm, n_full, n_tot = head_lists(g)
+        hq, bm, hm, n_full, n_tot = head_lists(b, kvh, kt, g)
         lo, _, hi = _item_bounds(start, end, offset, n_full, n_tot)
 
         def issue(j, t):
           slot = lax.rem(t, jnp.int32(ns))
-          cols = pl.ds(q_row0(bm, hm, j), bq)
+          cols = pl.ds(q_row0(bm, hm, kt, j), bq)
           for src, smem, bar, free in (
               (q_ref.at[b, cols, hq], q_smem, q_bar, q_free),
               (lse_ref.at[b, hq, cols], lse_smem, lse_bar, lse_free),
@@ -908,19 +1090,25 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
         return lax.fori_loop(lo * split, hi * split, issue, t), offset + n_tot
 
-      lax.fori_loop(0, G, head, (jnp.int32(0), jnp.int32(0)))
+      def run_item(idx, t):
+        b, kvh, kt, start, end, _ = item_info(idx)
+        item_head = functools.partial(head, b=b, kvh=kvh, kt=kt, start=start,
+                                      end=end)
+        return lax.fori_loop(0, G, item_head, (t, jnp.int32(0)))[0]
+
+      lax.fori_loop(first, last, run_item, jnp.int32(0))
 
   tr = _smem_transforms(plgpu)
   free = lambda: plgpu.Barrier(num_arrivals=2, num_barriers=ns)
   scratch = [
-      plgpu.SMEM((2, bk, H), dtype, transforms=tr),
-      plgpu.SMEM((2, bk, H), dtype, transforms=tr),
+      plgpu.SMEM((2 * nbuf, bk, H), dtype, transforms=tr),
+      plgpu.SMEM((2 * nbuf, bk, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bq, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bq, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bq), f32),
       plgpu.SMEM((ns, bq), f32),
-      plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2 * nbuf),
+      plgpu.Barrier(num_barriers=2 * nbuf),
       plgpu.Barrier(num_barriers=ns),
       plgpu.Barrier(num_barriers=ns),
       plgpu.Barrier(num_barriers=ns),
@@ -938,13 +1126,14 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       kernel,
       out_type=out_type,
       scratch_types=scratch,
-      grid=(sched.items.shape[0],),
-      grid_names=("items",),
+      grid=(sched.bounds.shape[0] - 1,),
+      grid_names=("ctas",),
       num_threads=3,
       thread_name="wg",
       kernel_name="lcjax_attention_dkv",
       compiler_params=_compiler_params(plgpu),
-  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, sched.items, *lists)
+  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, sched.items,
+    sched.bounds, *lists)
   return tuple(outs) if n_slots else (*outs, None, None)
 
 
@@ -1006,9 +1195,9 @@ _MAX_CONSTANT_TABLE_BYTES = 8 << 20
 def _plan(meta: block_mask.BlockMetadata, batch: int, heads: int,
           kv_heads: int, cfg: Config):
   """(forward lists, transposed lists, forward/dQ rows, dK/dV schedule)."""
-  fwd_lists, bwd_lists = _lists(meta)
+  fwd_lists, bwd_lists = _lists(meta, cfg)
   return (fwd_lists, bwd_lists,
-          _row_schedule(fwd_lists.count, batch, heads, cfg.schedule),
+          _row_schedule(fwd_lists.count, batch, heads, cfg),
           _kv_schedule(bwd_lists.count, batch, heads, kv_heads, cfg))
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from lcjax.attention import block_mask, cudnn, reference
 from lcjax.attention import patterns as P
 from lcjax.bench.profile import kernel_times
-from lcjax.bench.timing import median_ms
+from lcjax.bench.timing import back_to_back_ms, median_ms
 
 MARK_START = "<!-- attention-bench:start -->"
 MARK_END = "<!-- attention-bench:end -->"
@@ -198,6 +198,9 @@ def run(args, on_record=lambda records: None) -> list[dict]:
             rec["skipped"] = f"failed: {type(e).__name__}: {msg}"
           else:
             rec.update(ms=ms, tflops=flops / ms / 1e9)
+            if args.back_to_back:
+              b2b_ms = back_to_back_ms(fn, (q, k, v), repeats, warmup=0)
+              rec.update(b2b_ms=b2b_ms, b2b_tflops=flops / b2b_ms / 1e9)
             if args.device_time:
               device_ms = sum(kernel_times(fn, q, k, v).values()) / 1e3
               rec.update(device_ms=device_ms, device_tflops=flops / device_ms / 1e9)
@@ -211,6 +214,9 @@ def _print_record(rec):
   if "ms" in rec:
     device = (f"  (device {rec['device_ms']:.3f} ms, {rec['device_tflops']:.1f} TF/s)"
               if "device_ms" in rec else "")
+    if "b2b_ms" in rec:
+      device += (f"  (back-to-back {rec['b2b_ms']:.3f} ms, "
+                 f"{rec['b2b_tflops']:.1f} TF/s)")
     print(f"{rec['pattern']:>20} {rec['seq_len']:>7} {rec['mode']:>7} "
           f"{rec['impl']:>8} {rec['ms']:10.3f} ms {rec['tflops']:8.1f} TF/s{device}",
           flush=True)
@@ -230,6 +236,12 @@ def markdown(records: list[dict], meta: dict) -> str:
            "kernel `attend(..., implementation=\"pallas\")` runs (mosaic where "
            "it supports the case, else triton); >1 means ours is faster.", ""]
   lines += _table(records, "ms", "tflops")
+  if any("b2b_ms" in r for r in records):
+    lines += ["", "Back-to-back: wall time per call of 10 calls queued without a sync "
+              "in between (`--back-to-back`; as inside a training step, where the "
+              "host runs ahead of the GPU), median of the same number of repeats:", ""]
+    lines += _table([r for r in records if "b2b_ms" in r or "ms" not in r],
+                    "b2b_ms", "b2b_tflops")
   if any("device_ms" in r for r in records):
     lines += ["", "Device time of the same calls (sum of the kernels' times in JAX's "
               "profiler, `--device-time`; excludes launch and synchronisation gaps):", ""]
@@ -312,6 +324,8 @@ def parse_args(argv=None):
   p.add_argument("--json", help="write records here (rewritten after each record)")
   p.add_argument("--device-time", action="store_true",
                  help="also measure each call's kernel time with JAX's profiler")
+  p.add_argument("--back-to-back", action="store_true",
+                 help="also time 10 calls queued without a sync in between")
   p.add_argument("--markdown", help="update this docs file's attention section")
   p.add_argument("--render", help="only render an earlier JSON to --markdown")
   args = p.parse_args(argv)

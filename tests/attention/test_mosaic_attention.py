@@ -134,17 +134,27 @@ def _seg(seg, b, idx):
   return None if seg is None else seg[b, idx]
 
 
+def _cta_runs(items, bounds, num_sms):
+  """The items in the order the kernel's CTAs walk them (CTA by CTA)."""
+  assert bounds[0] == 0 and bounds[-1] == len(items), bounds
+  assert (np.diff(bounds) >= 1).all(), "every CTA gets work"
+  assert len(bounds) - 1 <= max(num_sms, 1) or (np.diff(bounds) == 1).all()
+  for c in range(len(bounds) - 1):
+    yield from items[bounds[c]:bounds[c + 1]]
+
+
 def _emu_forward(q, k, v, q_seg, kv_seg, offsets, rows, lists, st):
   """Forward kernel: per scheduled (b, head, query tile) the online softmax
   over its list (both 64-row warpgroups at once; they share the list)."""
 
-  def run(q, k, v, q_seg, kv_seg, offsets, rows, blocks, num_full, count):
+  def run(q, k, v, q_seg, kv_seg, offsets, items, bounds, blocks, num_full,
+          count):
     B, T, N, H = q.shape
     G = N // k.shape[2]
     out = np.full(q.shape, np.nan, q.dtype)
     lse = np.full((B, N, T), np.nan, np.float32)
     seen = np.zeros((B, N, T // _BLK), int)
-    for b, h, qt in rows:
+    for b, h, qt in _cta_runs(items, bounds, st.cfg.num_sms):
       seen[b, h, qt] += 1
       bm, hm = _index(blocks.shape, b, h)
       r = qt * _BLK + np.arange(_BLK)
@@ -177,7 +187,8 @@ def _emu_forward(q, k, v, q_seg, kv_seg, offsets, rows, lists, st):
   B, T, N, _ = q.shape
   shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((B, N, T), jnp.float32))
-  return _host_call(run, shapes, q, k, v, q_seg, kv_seg, offsets, rows, *lists)
+  return _host_call(run, shapes, q, k, v, q_seg, kv_seg, offsets, rows.items,
+                    rows.bounds, *lists)
 
 
 def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
@@ -186,11 +197,11 @@ def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
   bk = st.cfg.block_kv_dq
   split = _BLK // bk
 
-  def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, blocks,
-          num_full, count):
+  def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, items, bounds,
+          blocks, num_full, count):
     G = q.shape[2] // k.shape[2]
     dq = np.full(q.shape, np.nan, q.dtype)
-    for b, h, qt in rows:
+    for b, h, qt in _cta_runs(items, bounds, st.cfg.num_sms):
       bm, hm = _index(blocks.shape, b, h)
       r = qt * _BLK + np.arange(_BLK)
       acc = np.zeros((_BLK, q.shape[3]), np.float32)
@@ -214,7 +225,8 @@ def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
     return dq
 
   return _host_call(run, jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v, do,
-                    lse2, delta, q_seg, kv_seg, offsets, rows, *lists)
+                    lse2, delta, q_seg, kv_seg, offsets, rows.items,
+                    rows.bounds, *lists)
 
 
 def _check_kv_items(items, counts, merge_tiles, merge_valid, B, N, KH):
@@ -249,8 +261,8 @@ def _emu_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, lists, sched,
   split = _BLK // bq
   n_slots = int(np.prod(sched.merge_valid.shape))
 
-  def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, items, blocks,
-          num_full, count, merge_tiles, merge_valid):
+  def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, items, bounds,
+          blocks, num_full, count, merge_tiles, merge_valid):
     B, _, N, H = q.shape
     KH = k.shape[2]
     G = N // KH
@@ -259,7 +271,8 @@ def _emu_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, lists, sched,
     dv = np.full(k.shape, np.nan, k.dtype)
     dkp = np.full((n_slots, _BLK, H), np.nan, np.float32)
     dvp = np.full((n_slots, _BLK, H), np.nan, np.float32)
-    for b, kvh, kt, start, end, slot in items:
+    for b, kvh, kt, start, end, slot in _cta_runs(items, bounds,
+                                                  st.cfg.num_sms):
       c = kt * _BLK + np.arange(_BLK)
       kc, vc = k[b, c, kvh], v[b, c, kvh]
       acc_k = np.zeros((_BLK, H), np.float32)
@@ -307,7 +320,8 @@ def _emu_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, lists, sched,
   part = jax.ShapeDtypeStruct((n_slots, _BLK, H), jnp.float32)
   dk, dv, dkp, dvp = _host_call(run, (kv, kv, part, part), q, k, v, do, lse2,
                                 delta, q_seg, kv_seg, offsets, sched.items,
-                                *lists, sched.merge_tiles, sched.merge_valid)
+                                sched.bounds, *lists, sched.merge_tiles,
+                                sched.merge_valid)
   return (dk, dv, dkp, dvp) if n_slots else (dk, dv, None, None)
 
 
@@ -329,7 +343,13 @@ _SPLIT = {"auto": ma.DEFAULT_CONFIG,
                                                   schedule="grid", dkv_split=0),
           "cap1": dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=1),
           "cap3_dq64": dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=3,
-                                           block_kv_dq=64)}
+                                           block_kv_dq=64),
+          # Persistent CTAs that walk many items each / one CTA per item.
+          "3_ctas": dataclasses.replace(ma.DEFAULT_CONFIG, num_sms=3),
+          "one_cta_per_item": dataclasses.replace(ma.DEFAULT_CONFIG,
+                                                  persistent=False),
+          "descending_dkv": dataclasses.replace(ma.DEFAULT_CONFIG, num_sms=4,
+                                                dkv_order="descending")}
 
 # The GPU check cases plus cases that stress the split, in float32 and with
 # head_dim 16 (the lists do not depend on it; numpy matmuls are the cost).
@@ -388,10 +408,13 @@ def _bwd_counts(pattern, length, heads):
   return meta.q_counts, meta.kv_counts
 
 
+_ONE_CTA_PER_ITEM = dataclasses.replace(ma.DEFAULT_CONFIG, persistent=False)
+
+
 @pytest.mark.parametrize("kv_heads", [16, 4, 1])
 def test_kv_schedule_covers_every_tile_and_splits_only_long_lists(kv_heads):
   q_counts, _ = _bwd_counts(P.SinkWindow(64, 1023), 16384, 16)
-  cfg = ma.DEFAULT_CONFIG
+  cfg = _ONE_CTA_PER_ITEM
   sched = ma._kv_schedule(q_counts, 2, 16, kv_heads, cfg)  # pylint: disable=protected-access
   _check_kv_items(sched.items, q_counts, sched.merge_tiles, sched.merge_valid,
                   2, 16, kv_heads)
@@ -411,7 +434,7 @@ def test_kv_schedule_covers_every_tile_and_splits_only_long_lists(kv_heads):
 def test_kv_schedule_never_and_fixed_cap():
   q_counts, _ = _bwd_counts(P.Causal(), 2048, 2)
   never = ma._kv_schedule(q_counts, 1, 2, 1,  # pylint: disable=protected-access
-                          dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=0))
+                          dataclasses.replace(_ONE_CTA_PER_ITEM, dkv_split=0))
   assert never.items.shape == (16, 6) and never.merge_tiles.shape == (0, 3)
   assert list(never.items[:, 2]) == list(range(16)), "key tile 0 is heaviest"
   capped = ma._kv_schedule(q_counts, 1, 2, 1,  # pylint: disable=protected-access
@@ -424,18 +447,69 @@ def test_kv_schedule_never_and_fixed_cap():
 
 def test_row_schedule_heaviest_first_over_heads():
   _, kv_counts = _bwd_counts(P.StridedBlockSparse(128, 4, 1), 2048, 4)
-  rows = ma._row_schedule(kv_counts, 2, 4, "heaviest")  # pylint: disable=protected-access
+  rows = ma._row_schedule(kv_counts, 2, 4, _ONE_CTA_PER_ITEM).items  # pylint: disable=protected-access
   assert sorted(map(tuple, rows)) == sorted(
       (b, h, t) for b in range(2) for h in range(4) for t in range(16))
   work_class = _work_class(kv_counts[0, rows[:, 1], rows[:, 2]])
   assert (np.diff(work_class) <= 0).all()
   for c in np.unique(work_class):  # grid order inside a class: head-major
     assert (np.diff(rows[work_class == c, 1]) >= 0).all()
-  grid = ma._row_schedule(kv_counts, 2, 4, "grid")  # pylint: disable=protected-access
+  grid = ma._row_schedule(kv_counts, 2, 4, dataclasses.replace(  # pylint: disable=protected-access
+      _ONE_CTA_PER_ITEM, schedule="grid")).items
   assert tuple(grid[0]) == (0, 0, 15) and tuple(grid[1]) == (1, 0, 15)
-  device = jax.jit(lambda c: ma._row_schedule(c, 2, 4, "heaviest"))(  # pylint: disable=protected-access
+  device = jax.jit(lambda c: ma._row_schedule(c, 2, 4, _ONE_CTA_PER_ITEM))(  # pylint: disable=protected-access
       jnp.asarray(kv_counts))
-  np.testing.assert_array_equal(np.asarray(device), rows)
+  np.testing.assert_array_equal(np.asarray(device.items), rows)
+  np.testing.assert_array_equal(np.asarray(device.bounds),
+                                np.arange(len(rows) + 1))
+
+
+def _cta_loads(work, bounds):
+  return np.add.reduceat(work + ma._ITEM_OVERHEAD, bounds[:-1])  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("num_sms", [1, 5, 132])
+def test_persistent_ctas_balance_host_work(num_sms):
+  """Host lists: every item runs once, each CTA keeps the given
+  (heaviest-class-first) order, and no CTA ends more than one item after the
+  mean (greedy list scheduling). Device lists: one CTA per item."""
+  rng = np.random.default_rng(num_sms)
+  work = rng.integers(0, 40, size=700).astype(np.int32)
+  work = work[ma._heaviest_first(work, np)]  # pylint: disable=protected-access
+  items = np.stack([np.arange(700), work], axis=-1).astype(np.int32)
+  cfg = dataclasses.replace(ma.DEFAULT_CONFIG, num_sms=num_sms)
+  got, bounds = ma._assign_to_ctas(items, work, cfg)  # pylint: disable=protected-access
+  assert len(bounds) == num_sms + 1 and bounds[0] == 0
+  assert sorted(got[:, 0]) == list(range(700)), "each item exactly once"
+  for c in range(num_sms):
+    assert (np.diff(got[bounds[c]:bounds[c + 1], 0]) > 0).all()
+  cost = work + ma._ITEM_OVERHEAD  # pylint: disable=protected-access
+  loads = _cta_loads(got[:, 1], bounds)
+  assert loads.max() <= cost.sum() / num_sms + cost.max(), loads.max()
+  few = ma._assign_to_ctas(items[:3], work[:3], cfg)  # pylint: disable=protected-access
+  assert len(few.bounds) == min(num_sms, 3) + 1
+  device = jax.jit(lambda i, w: ma._assign_to_ctas(i, w, cfg))(items, work)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(device.items), items)
+  np.testing.assert_array_equal(np.asarray(device.bounds), np.arange(701))
+
+
+@pytest.mark.parametrize("xp", [np, jnp])
+def test_full_first_lists_descending(xp):
+  """FULL entries first (ascending, or descending on request), then the
+  PARTIAL ones in their order; entries past the count stay where they are."""
+  blocks = xp.asarray([[3, 5, 6, 8, 9, 9], [1, 2, 4, 4, 4, 4]])
+  full = xp.asarray([[False, True, True, False, True, False],
+                     [True, True, False, False, False, False]])
+  count = xp.asarray([5, 3])
+  up = ma._full_first(blocks, full, count)  # pylint: disable=protected-access
+  down = ma._full_first(blocks, full, count, descending=True)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(up.blocks),
+                                [[5, 6, 9, 3, 8, 9], [1, 2, 4, 4, 4, 4]])
+  np.testing.assert_array_equal(np.asarray(down.blocks),
+                                [[9, 6, 5, 3, 8, 9], [2, 1, 4, 4, 4, 4]])
+  for lists in (up, down):
+    np.testing.assert_array_equal(np.asarray(lists.num_full), [3, 2])
+    np.testing.assert_array_equal(np.asarray(lists.count), [5, 3])
 
 
 def test_item_bounds():
@@ -453,7 +527,7 @@ def test_merge_split_tiles_sums_parts_in_place():
   parts = rng.normal(size=(2 * 3, _BLK, 8)).astype(np.float32)
   parts[2] = np.nan  # a slot of no part: must not leak into the sum
   sched = ma.KvSchedule(
-      items=np.zeros((0, 6), np.int32),
+      items=np.zeros((0, 6), np.int32), bounds=np.zeros(1, np.int32),
       merge_tiles=np.array([[1, 0, 2], [0, 1, 1]], np.int32),
       merge_valid=np.array([[True, True, False], [True, True, True]]))
   got = np.asarray(ma._merge_split_tiles(d, jnp.asarray(parts), sched))  # pylint: disable=protected-access
