@@ -515,6 +515,23 @@ def _item_loop(first, last, num_buffers: int, load, body, init):
   return carry
 
 
+def _ring_load(step, stages: int, copies) -> None:
+  """Producer side of a ring of ``stages`` shared-memory slots.
+
+  Step ``step`` of the CTA (counted across its items) loads into slot
+  ``step % stages``; every load but the CTA's first ``stages`` first waits
+  until the consumers have freed the slot. ``copies()`` gives the
+  (gmem source, smem ring, full barriers, free barriers) of the step.
+  """
+  pl, plgpu = _gpu_modules()
+  slot = lax.rem(step, jnp.int32(stages))
+  for src, smem, bar, free in copies():
+    @pl.when(step >= stages)
+    def _():
+      plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
+    plgpu.copy_gmem_to_smem(src, smem.at[slot], bar.at[slot])
+
+
 def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
              st: _Statics):
   """Returns (out [B,T,N,H], lse [B,N,T] float32, natural log).
@@ -670,15 +687,11 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
 
         @pl.loop(0, n_tot)
         def _(t):
-          g = g0 + t
-          slot = lax.rem(g, jnp.int32(ns))
-          rows = (b, pl.ds(blk_ref[bm, hm, qt, t] * bk, bk), kvh)
-          for ref, smem, bar, free in ((k_ref, k_smem, k_bar, k_free),
-                                       (v_ref, v_smem, v_bar, v_free)):
-            @pl.when(g >= ns)
-            def _():
-              plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
-            plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bar.at[slot])
+          def copies():
+            rows = (b, pl.ds(blk_ref[bm, hm, qt, t] * bk, bk), kvh)
+            return ((k_ref.at[rows], k_smem, k_bar, k_free),
+                    (v_ref.at[rows], v_smem, v_bar, v_free))
+          _ring_load(g0 + t, ns, copies)
 
         return g0 + n_tot
 
@@ -845,15 +858,11 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
         @pl.loop(0, n_tot)
         def _(t):
-          g = g0 + t
-          slot = lax.rem(g, jnp.int32(ns))
-          rows = (b, pl.ds(kv_row0(bm, hm, qt, t), bk), kvh)
-          for ref, smem, bar, free in ((k_ref, k_smem, k_bar, k_free),
-                                       (v_ref, v_smem, v_bar, v_free)):
-            @pl.when(g >= ns)
-            def _():
-              plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
-            plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], bar.at[slot])
+          def copies():
+            rows = (b, pl.ds(kv_row0(bm, hm, qt, t), bk), kvh)
+            return ((k_ref.at[rows], k_smem, k_bar, k_free),
+                    (v_ref.at[rows], v_smem, v_bar, v_free))
+          _ring_load(g0 + t, ns, copies)
 
         return g0 + n_tot
 
@@ -1075,17 +1084,14 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         lo, _, hi = _item_bounds(start, end, offset, n_full, n_tot)
 
         def issue(j, t):
-          slot = lax.rem(t, jnp.int32(ns))
-          cols = pl.ds(q_row0(bm, hm, kt, j), bq)
-          for src, smem, bar, free in (
-              (q_ref.at[b, cols, hq], q_smem, q_bar, q_free),
-              (lse_ref.at[b, hq, cols], lse_smem, lse_bar, lse_free),
-              (do_ref.at[b, cols, hq], do_smem, do_bar, do_free),
-              (delta_ref.at[b, hq, cols], delta_smem, delta_bar, delta_free)):
-            @pl.when(t >= ns)
-            def _():
-              plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
-            plgpu.copy_gmem_to_smem(src, smem.at[slot], bar.at[slot])
+          def copies():
+            cols = pl.ds(q_row0(bm, hm, kt, j), bq)
+            return ((q_ref.at[b, cols, hq], q_smem, q_bar, q_free),
+                    (lse_ref.at[b, hq, cols], lse_smem, lse_bar, lse_free),
+                    (do_ref.at[b, cols, hq], do_smem, do_bar, do_free),
+                    (delta_ref.at[b, hq, cols], delta_smem, delta_bar,
+                     delta_free))
+          _ring_load(t, ns, copies)
           return t + 1
 
         return lax.fori_loop(lo * split, hi * split, issue, t), offset + n_tot
