@@ -468,6 +468,27 @@ def _visible(st: _Statics, plgpu, shape, q_axis: int, q_local0, k_local0,
   return vis
 
 
+def _mask_logits(s, st: _Statics, plgpu, q_axis: int, q_local0, k_local0,
+                 offsets, head, own_seg, other_seg_ref):
+  """Logits ``s`` of a PARTIAL tile with its invisible pairs set to -inf.
+
+  ``q_axis``: the axis of ``s`` that runs over queries; ``own_seg``: segment
+  ids of the item's own rows (queries in the forward and dQ, keys in dK/dV;
+  loaded once per item); ``other_seg_ref()``: the ref of the ids along the
+  tile's other axis, loaded here. Both are unused without segment ids.
+  """
+  other_seg = None
+  if st.has_segments:
+    other_seg = plgpu.load(other_seg_ref(),
+                           layout=plgpu.Layout.WGMMA.reduce(0),
+                           optimized=False)
+  q_seg, kv_seg = ((own_seg, other_seg) if q_axis == 0
+                   else (other_seg, own_seg))
+  vis = _visible(st, plgpu, s.shape, q_axis, q_local0, k_local0, offsets,
+                 head, q_seg, kv_seg)
+  return jnp.where(vis, s, -jnp.inf)
+
+
 def _list_index(lists_shape, b, h):
   """Batch / head index into lists with broadcast (size-1) dimensions."""
   bm = b if lists_shape[0] > 1 else 0
@@ -549,7 +570,6 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
   dtype = q.dtype
   f32 = jnp.float32
   ROW = plgpu.Layout.WGMMA.reduce(1)
-  COL = plgpu.Layout.WGMMA.reduce(0)
   WGMMA = plgpu.Layout.WGMMA
   size = jnp.dtype(dtype).itemsize
   nbuf = _num_buffers(2 * ns * bk * H * size + 2 * bq * 4, 2 * bq * H * size)
@@ -619,13 +639,8 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
           s, _ = _logits(s, st)
           if masked:
             k_row0 = blk_ref[bm, hm, qt, t] * bk
-            kv_seg = None
-            if st.has_segments:
-              kv_seg = plgpu.load(kvseg_ref.at[b, pl.ds(k_row0, bk)],
-                                  layout=COL, optimized=False)
-            vis = _visible(st, plgpu, (bq, bk), 0, q_row0, k_row0, offs, h,
-                           q_seg, kv_seg)
-            s = jnp.where(vis, s, -jnp.inf)
+            s = _mask_logits(s, st, plgpu, 0, q_row0, k_row0, offs, h, q_seg,
+                             lambda: kvseg_ref.at[b, pl.ds(k_row0, bk)])
           m_new = jnp.maximum(m_i, s.max(axis=1))
           if masked:  # A row may have seen no visible key yet.
             m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -741,7 +756,6 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
   dtype = q.dtype
   f32 = jnp.float32
   ROW = plgpu.Layout.WGMMA.reduce(1)
-  COL = plgpu.Layout.WGMMA.reduce(0)
   WGMMA = plgpu.Layout.WGMMA
   size = jnp.dtype(dtype).itemsize
   nbuf = _num_buffers(2 * ns * bk * H * size,
@@ -808,13 +822,8 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
           s, tanh = _logits(s, st)
           if masked:
             k_row0 = kv_row0(bm, hm, qt, t)
-            kv_seg = None
-            if st.has_segments:
-              kv_seg = plgpu.load(kvseg_ref.at[b, pl.ds(k_row0, bk)],
-                                  layout=COL, optimized=False)
-            vis = _visible(st, plgpu, (bq, bk), 0, q_row0, k_row0, offs, h,
-                           q_seg, kv_seg)
-            s = jnp.where(vis, s, -jnp.inf)
+            s = _mask_logits(s, st, plgpu, 0, q_row0, k_row0, offs, h, q_seg,
+                             lambda: kvseg_ref.at[b, pl.ds(k_row0, bk)])
           p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
           plgpu.barrier_wait(v_bar.at[slot])
 
@@ -992,13 +1001,8 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
           s_t, tanh = _logits(s_t, st)
           if masked:
             q0 = q_row0(bm, hm, kt, j)
-            q_seg = None
-            if st.has_segments:
-              q_seg = plgpu.load(qseg_ref.at[b, pl.ds(q0, bq)], layout=COL,
-                                 optimized=False)
-            vis = _visible(st, plgpu, (bk, bq), 1, q0, k_row0, offs, hq,
-                           q_seg, kv_seg)
-            s_t = jnp.where(vis, s_t, -jnp.inf)
+            s_t = _mask_logits(s_t, st, plgpu, 1, q0, k_row0, offs, hq, kv_seg,
+                               lambda: qseg_ref.at[b, pl.ds(q0, bq)])
           plgpu.barrier_wait(lse_bar.at[slot])
           lse = plgpu.load(lse_smem.at[slot], layout=COL)
           plgpu.barrier_arrive(lse_free.at[slot])
