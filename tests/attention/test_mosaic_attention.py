@@ -348,8 +348,8 @@ _SPLIT = {"auto": ma.DEFAULT_CONFIG,
           "3_ctas": dataclasses.replace(ma.DEFAULT_CONFIG, num_sms=3),
           "one_cta_per_item": dataclasses.replace(ma.DEFAULT_CONFIG,
                                                   persistent=False),
-          "descending_dkv": dataclasses.replace(ma.DEFAULT_CONFIG, num_sms=4,
-                                                dkv_order="descending")}
+          "ascending_dkv": dataclasses.replace(ma.DEFAULT_CONFIG, num_sms=4,
+                                               dkv_order="ascending")}
 
 # The GPU check cases plus cases that stress the split, in float32 and with
 # head_dim 16 (the lists do not depend on it; numpy matmuls are the cost).
