@@ -1006,7 +1006,8 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
             plgpu.barrier_wait(lse_bar.at[slot])
             lse = plgpu.load(lse_smem.at[slot], layout=COL)
             plgpu.barrier_arrive(lse_free.at[slot])
-            return jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1])), tanh
+            lse_t = lax.broadcast_in_dim(lse, s_t.shape, [1])
+            return jnp.exp2(s_t - lse_t), tanh
 
           def compute_st(acc_ref):
             plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
