@@ -79,6 +79,12 @@ class Config:
   # 16 steps apart: strided 1/16 at 32K fwd+bwd 2.5-5% faster on the H100,
   # others unchanged (docs/mosaic_kernels.md, log item 6).
   dkv_order: str = "descending"
+  # Host-built lists: in these kernels ("dq", "dkv") a warpgroup skips the
+  # 64x64 quarter of a PARTIAL tile that has no visible pair (the
+  # upper-right of a causal diagonal tile) and masks only the others, where
+  # ``_quarter_skips_pay`` (sink+window 32K fwd+bwd -3-5% on the H100;
+  # docs/mosaic_kernels.md, log item 8).
+  skip_empty_quarters: tuple[str, ...] = ("dq", "dkv")
 
   def __post_init__(self):
     if 2 * self.block_q != _META_BLOCK or self.block_kv != _META_BLOCK:
@@ -94,6 +100,9 @@ class Config:
     if self.dkv_order not in ("ascending", "descending"):
       raise ValueError(f"dkv_order={self.dkv_order!r}; allowed: 'ascending', "
                        "'descending'")
+    if not set(self.skip_empty_quarters) <= {"dq", "dkv"}:
+      raise ValueError(f"skip_empty_quarters={self.skip_empty_quarters!r}; "
+                       "allowed: a tuple of 'dq' and/or 'dkv'")
     if self.dkv_split < -1:
       raise ValueError(f"dkv_split={self.dkv_split}; allowed: -1 (automatic), "
                        "0 (never) or a positive cap")
@@ -115,11 +124,15 @@ class Lists(NamedTuple):
   ``blocks[b, h, i, :count[b, h, i]]`` are the blocks row block ``i`` visits
   (``b``/``h`` index batch/head when segment ids / head-dependent patterns
   make the lists differ, else have size 1); the first ``num_full`` of them
-  need no element mask.
+  need no element mask. ``empty_quarters`` (host lists, or None): for the
+  PARTIAL entry ``num_full + p``, bit ``2 * query_half + key_half`` of
+  ``empty_quarters[b, h, i, p]`` is set when that 64x64 quarter of the
+  128x128 tile has no visible pair (``_empty_quarters``).
   """
   blocks: Any    # int32 [Bm, Hm, rows, width]
   num_full: Any  # int32 [Bm, Hm, rows]
   count: Any     # int32 [Bm, Hm, rows]
+  empty_quarters: Any = None  # int32 [Bm, Hm, rows, max PARTIAL] or None
 
 
 def _full_first(blocks, full, count, descending: bool = False) -> Lists:
@@ -135,6 +148,55 @@ def _full_first(blocks, full, count, descending: bool = False) -> Lists:
   blocks = xp.take_along_axis(blocks, order, axis=-1)
   return Lists(blocks.astype(xp.int32), num_full.astype(xp.int32),
                count.astype(xp.int32))
+
+
+def _empty_quarters(pattern, lists: Lists, rows_are_queries: bool,
+                    q_len: int, kv_len: int, q_offset: int, kv_offset: int,
+                    heads: int) -> np.ndarray:
+  """``Lists.empty_quarters`` of host lists (FULL entries first).
+
+  The 64x64 classification of the pattern (exact, like the 128x128 one),
+  read at each PARTIAL entry's four quarters; quarters past the sequence
+  ends count as empty (their rows or keys are padding).
+  """
+  half = _META_BLOCK // 2
+  empty = block_mask.classify_blocks(pattern, q_len, kv_len, half, half,
+                                     q_offset, kv_offset,
+                                     heads) == block_mask.SKIP
+  _, rows, width = lists.blocks.shape[1:]
+  nq, nk = 2 * -(-q_len // _META_BLOCK), 2 * -(-kv_len // _META_BLOCK)
+  empty = np.pad(empty, [(0, 0), (0, nq - empty.shape[1]),
+                         (0, nk - empty.shape[2])], constant_values=True)
+  n_partial = max(1, int((lists.count - lists.num_full).max()))
+  p = np.arange(n_partial)
+  entry = np.minimum(lists.num_full[..., None] + p, width - 1)
+  other = np.take_along_axis(lists.blocks, entry, axis=-1)   # [Bm,Hm,rows,P]
+  row = np.arange(rows)[None, None, :, None]
+  qi, ki = (row, other) if rows_are_queries else (other, row)
+  h = np.arange(lists.blocks.shape[1])[None, :, None, None]
+  h = h if empty.shape[0] > 1 else 0 * h
+  bits = np.zeros(other.shape, np.int32)
+  for qh in range(2):
+    for kh in range(2):
+      bits |= empty[h, 2 * qi + qh, 2 * ki + kh].astype(np.int32) << (
+          2 * qh + kh)
+  real = lists.num_full[..., None] + p < lists.count[..., None]
+  return np.where(real, bits, 0).astype(np.int32)
+
+
+def _quarter_skips_pay(lists: Lists, min_len: int) -> bool:
+  """Whether a kernel walking ``lists`` should skip empty quarters.
+
+  The branch slows every step a little (dense causal dQ +6% on the H100),
+  so PARTIAL entries must be at least 1/32 of all; and most of them must
+  sit in lists of ``min_len``+ entries: items of one or two entries (the
+  diagonal dK/dV items of strided patterns) are bound by their own loads,
+  and there the branch cost more than the quarter saved (dK/dV +6%).
+  """
+  partial = lists.count - lists.num_full
+  n_partial = int(partial.sum())
+  in_long = int((partial * (lists.count >= min_len)).sum())
+  return 32 * n_partial >= int(lists.count.sum()) and 2 * in_long >= n_partial
 
 
 def _lists(meta: block_mask.BlockMetadata, cfg: Config) -> tuple[Lists, Lists]:
@@ -576,7 +638,7 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
   nbuf = _num_buffers(2 * ns * bk * H * size + 2 * bq * 4, 2 * bq * H * size)
 
   def kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, off_ref, rows_ref,
-             bounds_ref, blk_ref, nfull_ref, cnt_ref, out_ref, lse_ref,
+             bounds_ref, blk_ref, nfull_ref, cnt_ref, _, out_ref, lse_ref,
              q_smems, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free,
              v_free, sched):
     cta = lax.axis_index("ctas")
@@ -764,7 +826,8 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
              kvseg_ref, off_ref, rows_ref, bounds_ref, blk_ref, nfull_ref,
-             cnt_ref, dq_ref, q_smems, do_smems, lse_smems, delta_smems,
+             cnt_ref, quarters_ref, dq_ref, q_smems, do_smems, lse_smems,
+             delta_smems,
              k_smem, v_smem, in_bars, k_bar, v_bar, k_free, v_free):
     cta = lax.axis_index("ctas")
     first, last = bounds_ref[cta], bounds_ref[cta + 1]
@@ -827,24 +890,41 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
           # softmax, dP (H100: dQ kernel 5-12% faster, log item 6).
           plgpu.barrier_wait(v_bar.at[slot])
 
-          def compute_s_dp(refs):
-            s_ref, dp_ref = refs
-            plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
-            plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].T)
-            return s_ref[...], dp_ref[...]
+          def accumulate(dq):
+            def compute_s_dp(refs):
+              s_ref, dp_ref = refs
+              plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+              plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].T)
+              return s_ref[...], dp_ref[...]
 
-          s, dp = pl.run_scoped(compute_s_dp, (plgpu.ACC((bq, bk), f32),
-                                               plgpu.ACC((bq, bk), f32)))
-          p, tanh = probs(s)
-          plgpu.barrier_arrive(v_free.at[slot])
-          ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-          if tanh is not None:
-            ds = ds * (1.0 - tanh * tanh)
+            s, dp = pl.run_scoped(compute_s_dp, (plgpu.ACC((bq, bk), f32),
+                                                 plgpu.ACC((bq, bk), f32)))
+            p, tanh = probs(s)
+            plgpu.barrier_arrive(v_free.at[slot])
+            ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+            if tanh is not None:
+              ds = ds * (1.0 - tanh * tanh)
 
-          def compute_dq(acc_ref):
-            plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+            def compute_dq(acc_ref):
+              plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
 
-          dq = pl.run_state(compute_dq)(plgpu.ACC.init(dq))
+            return pl.run_state(compute_dq)(plgpu.ACC.init(dq))
+
+          if masked and quarters_ref is not None:
+            # This warpgroup's query half against the step's key half(s).
+            bits = quarters_ref[bm, hm, qt, lax.div(t - n_full, split)]
+            if split == 2:
+              shift = 2 * wg + lax.rem(t, jnp.int32(2))
+              empty = lax.shift_right_logical(bits, shift) & 1 == 1
+            else:
+              empty = lax.shift_right_logical(bits, 2 * wg) & 3 == 3
+            def skip(dq):  # the same barrier arrivals as accumulate
+              plgpu.barrier_arrive(v_free.at[slot])
+              return dq
+
+            dq = lax.cond(empty, skip, accumulate, dq)
+          else:
+            dq = accumulate(dq)
           plgpu.barrier_arrive(k_free.at[slot])
           return dq
 
@@ -941,7 +1021,7 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
              kvseg_ref, off_ref, items_ref, bounds_ref, blk_ref, nfull_ref,
-             cnt_ref, *outs_and_scratch):
+             cnt_ref, quarters_ref, *outs_and_scratch):
     if n_slots:
       dk_ref, dv_ref, dkp_ref, dvp_ref, *scratch = outs_and_scratch
       part_smem2, *scratch = scratch
@@ -992,10 +1072,16 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         plgpu.barrier_wait(k_bar.at[2 * buf + wg])
         plgpu.barrier_wait(v_bar.at[2 * buf + wg])
 
-        def step(j, carry, hq, bm, hm, masked: bool):
+        def step(j, carry, hq, bm, hm, n_full, masked: bool):
           dk, dv, t = carry
           slot = lax.rem(t, jnp.int32(ns))
           plgpu.barrier_wait(q_bar.at[slot])
+
+          def ring_vector(smem, bar, free):
+            plgpu.barrier_wait(bar.at[slot])
+            x = plgpu.load(smem.at[slot], layout=COL)
+            plgpu.barrier_arrive(free.at[slot])
+            return x
 
           def probs_t(s_t):
             s_t, tanh = _logits(s_t, st)
@@ -1003,42 +1089,62 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
               q0 = q_row0(bm, hm, kt, j)
               s_t = _mask_logits(s_t, st, plgpu, 1, q0, k_row0, offs, hq,
                                  kv_seg, lambda: qseg_ref.at[b, pl.ds(q0, bq)])
-            plgpu.barrier_wait(lse_bar.at[slot])
-            lse = plgpu.load(lse_smem.at[slot], layout=COL)
-            plgpu.barrier_arrive(lse_free.at[slot])
+            lse = ring_vector(lse_smem, lse_bar, lse_free)
             lse_t = lax.broadcast_in_dim(lse, s_t.shape, [1])
             return jnp.exp2(s_t - lse_t), tanh
 
-          def compute_st(acc_ref):
-            plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
-            return acc_ref[...]
+          def accumulate(dk_dv):
+            dk, dv = dk_dv
 
-          s_t = pl.run_scoped(compute_st, plgpu.ACC((bk, bq), f32))
-          plgpu.barrier_wait(do_bar.at[slot])
+            def compute_st(acc_ref):
+              plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
+              return acc_ref[...]
 
-          # The softmax of S^T runs while dP^T = V dO^T is in flight (H100:
-          # dK/dV kernel 5-9% faster than computing it in between, log item 6).
-          def compute_dpt_and_p(acc_ref):
-            plgpu.wgmma(acc_ref, v_smem, do_smem.at[slot].T)
-            p_t, tanh = probs_t(s_t)
-            return acc_ref[...], p_t, tanh
+            s_t = pl.run_scoped(compute_st, plgpu.ACC((bk, bq), f32))
+            plgpu.barrier_wait(do_bar.at[slot])
 
-          dp_t, p_t, tanh = pl.run_scoped(compute_dpt_and_p,
-                                          plgpu.ACC((bk, bq), f32))
-          plgpu.barrier_wait(delta_bar.at[slot])
-          delta = plgpu.load(delta_smem.at[slot], layout=COL)
-          plgpu.barrier_arrive(delta_free.at[slot])
-          ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-          if tanh is not None:
-            ds_t = ds_t * (1.0 - tanh * tanh)
+            # The softmax of S^T runs while dP^T = V dO^T is in flight (H100:
+            # dK/dV kernel 5-9% faster than in between, log item 6).
+            def compute_dpt_and_p(acc_ref):
+              plgpu.wgmma(acc_ref, v_smem, do_smem.at[slot].T)
+              p_t, tanh = probs_t(s_t)
+              return acc_ref[...], p_t, tanh
 
-          def compute_dv_dk(refs):
-            dv_ref, dk_ref = refs
-            plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
-            plgpu.wgmma(dk_ref, ds_t.astype(dtype), q_smem.at[slot])
+            dp_t, p_t, tanh = pl.run_scoped(compute_dpt_and_p,
+                                            plgpu.ACC((bk, bq), f32))
+            delta = ring_vector(delta_smem, delta_bar, delta_free)
+            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+            if tanh is not None:
+              ds_t = ds_t * (1.0 - tanh * tanh)
 
-          dv, dk = pl.run_state(compute_dv_dk)(
-              (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            def compute_dv_dk(refs):
+              dv_ref, dk_ref = refs
+              plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
+              plgpu.wgmma(dk_ref, ds_t.astype(dtype), q_smem.at[slot])
+
+            dv, dk = pl.run_state(compute_dv_dk)(
+                (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            return dk, dv
+
+          if masked and quarters_ref is not None:
+            # The step's query half(s) against this warpgroup's key half.
+            bits = quarters_ref[bm, hm, kt, lax.div(j, jnp.int32(split))
+                                - n_full]
+            if split == 2:
+              shift = 2 * lax.rem(j, jnp.int32(2)) + wg
+              empty = lax.shift_right_logical(bits, shift) & 1 == 1
+            else:
+              empty = lax.shift_right_logical(bits, wg) & 5 == 5
+            def skip(dk_dv):  # the same barrier phases as accumulate
+              plgpu.barrier_wait(do_bar.at[slot])
+              for bar, free in ((lse_bar, lse_free), (delta_bar, delta_free)):
+                plgpu.barrier_wait(bar.at[slot])
+                plgpu.barrier_arrive(free.at[slot])
+              return dk_dv
+
+            dk, dv = lax.cond(empty, skip, accumulate, (dk, dv))
+          else:
+            dk, dv = accumulate((dk, dv))
           plgpu.barrier_arrive(do_free.at[slot])
           plgpu.barrier_arrive(q_free.at[slot])
           return dk, dv, t + 1
@@ -1047,7 +1153,7 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
           dk, dv, t, offset = carry
           hq, bm, hm, n_full, n_tot = head_lists(b, kvh, kt, g)
           lo, mid, hi = _item_bounds(start, end, offset, n_full, n_tot)
-          body = functools.partial(step, hq=hq, bm=bm, hm=hm)
+          body = functools.partial(step, hq=hq, bm=bm, hm=hm, n_full=n_full)
           acc = (dk, dv, t)
           acc = lax.fori_loop(lo * split, mid * split,
                               functools.partial(body, masked=False), acc)
@@ -1237,7 +1343,16 @@ def _host_plan(pattern, q_len: int, kv_len: int, q_offset: int,
   meta = block_mask.block_metadata(pattern, q_len, kv_len, _META_BLOCK,
                                    _META_BLOCK, q_offset, kv_offset, heads)
   has_partial = bool((meta.kv_full.sum(-1) < meta.kv_counts).any())
-  return _plan(meta, batch, heads, kv_heads, cfg), has_partial
+  fwd_lists, bwd_lists, *rest = _plan(meta, batch, heads, kv_heads, cfg)
+  where = (q_len, kv_len, q_offset, kv_offset, heads)
+  skip = cfg.skip_empty_quarters if has_partial and pattern.in_kernel_mask else ()
+  if "dq" in skip and _quarter_skips_pay(fwd_lists, min_len=1):
+    fwd_lists = fwd_lists._replace(empty_quarters=_empty_quarters(
+        pattern, fwd_lists, True, *where))
+  if "dkv" in skip and _quarter_skips_pay(bwd_lists, min_len=4):
+    bwd_lists = bwd_lists._replace(empty_quarters=_empty_quarters(
+        pattern, bwd_lists, False, *where))
+  return (fwd_lists, bwd_lists, *rest), has_partial
 
 
 def _pad_to(x, axis: int, size: int):

@@ -388,7 +388,8 @@ def print_table(rows):
 
 
 def _parse_config(text: str) -> ma.Config:
-  """'v1' / 'mosaic' / 'split16' or 'stages_dkv=3,dkv_split=8' -> Config."""
+  """'v1' / 'mosaic' / 'split16' or 'stages_dkv=3,dkv_split=8' -> Config
+  (tuple fields: 'skip_empty_quarters=dq+dkv', or empty after '=')."""
   if text in VARIANTS:
     return VARIANTS[text]
   if text == "default":
@@ -397,7 +398,10 @@ def _parse_config(text: str) -> ma.Config:
   for item in text.split(","):
     key, value = item.split("=")
     kind = type(getattr(ma.DEFAULT_CONFIG, key))
-    fields[key] = value if kind is str else kind(int(value))
+    if kind is tuple:
+      fields[key] = tuple(v for v in value.split("+") if v)
+    else:
+      fields[key] = value if kind is str else kind(int(value))
   return dataclasses.replace(ma.DEFAULT_CONFIG, **fields)
 
 

@@ -92,6 +92,7 @@ def test_mosaic_gradient_under_jit_matches_eager():
 # ----------------------------------------------------------------------------
 
 _BLK = ma._META_BLOCK  # pylint: disable=protected-access
+_HALF = _BLK // 2
 
 
 def _host_call(fn, out_shapes, *args):
@@ -148,7 +149,7 @@ def _emu_forward(q, k, v, q_seg, kv_seg, offsets, rows, lists, st):
   over its list (both 64-row warpgroups at once; they share the list)."""
 
   def run(q, k, v, q_seg, kv_seg, offsets, items, bounds, blocks, num_full,
-          count):
+          count, _):
     B, T, N, H = q.shape
     G = N // k.shape[2]
     out = np.full(q.shape, np.nan, q.dtype)
@@ -198,7 +199,7 @@ def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
   split = _BLK // bk
 
   def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, items, bounds,
-          blocks, num_full, count):
+          blocks, num_full, count, quarters):
     G = q.shape[2] // k.shape[2]
     dq = np.full(q.shape, np.nan, q.dtype)
     for b, h, qt in _cta_runs(items, bounds, st.cfg.num_sms):
@@ -220,6 +221,12 @@ def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
         ds = p * (do[b, r, h] @ v[b, c, h // G].T - delta[b, h, r][:, None])
         if tanh is not None:
           ds = ds * (1.0 - tanh * tanh)
+        if masked and quarters is not None:  # warpgroup (query half) skips
+          bits = quarters[bm, hm, qt, t // split - num_full[bm, hm, qt]]
+          halves = [t % split] if split == 2 else [0, 1]
+          for qh in range(2):
+            if all(bits >> (2 * qh + kh) & 1 for kh in halves):
+              ds[qh * _HALF:(qh + 1) * _HALF] = 0.0
         acc += ds @ kc
       dq[b, r, h] = acc * st.scale
     return dq
@@ -262,7 +269,7 @@ def _emu_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, lists, sched,
   n_slots = int(np.prod(sched.merge_valid.shape))
 
   def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, items, bounds,
-          blocks, num_full, count, merge_tiles, merge_valid):
+          blocks, num_full, count, quarters, merge_tiles, merge_valid):
     B, _, N, H = q.shape
     KH = k.shape[2]
     G = N // KH
@@ -302,10 +309,17 @@ def _emu_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, lists, sched,
                 _seg(kv_seg, b, c)[:, None] if st.has_segments else None)
             s_t = np.where(vis, s_t, -np.inf)
           p_t = np.exp2(s_t - lse2[b, hq, r][None, :])
-          acc_v += p_t @ dor
           ds_t = p_t * (vc @ dor.T - delta[b, hq, r][None, :])
           if tanh is not None:
             ds_t = ds_t * (1.0 - tanh * tanh)
+          if is_masked and quarters is not None:  # warpgroup (key half) skips
+            bits = quarters[bm, hm, kt, j // split - n_full]
+            halves = [j % split] if split == 2 else [0, 1]
+            for kh in range(2):
+              if all(bits >> (2 * qh + kh) & 1 for qh in halves):
+                p_t[kh * _HALF:(kh + 1) * _HALF] = 0.0
+                ds_t[kh * _HALF:(kh + 1) * _HALF] = 0.0
+          acc_v += p_t @ dor
           acc_k += ds_t @ qr
         offset += n_tot
       acc_k *= st.scale
@@ -510,6 +524,70 @@ def test_full_first_lists_descending(xp):
   for lists in (up, down):
     np.testing.assert_array_equal(np.asarray(lists.num_full), [3, 2])
     np.testing.assert_array_equal(np.asarray(lists.count), [5, 3])
+
+
+@pytest.mark.parametrize("pattern,q_len,kv_len,q_off,kv_off", [
+    (P.StridedBlockSparse(block_size=128, stride=4, local_blocks=1), 1024,
+     1024, 0, 0),
+    (P.SinkWindow(64, 300), 1000, 1000, 0, 0),
+    (P.PerHead((P.Causal(), P.SlidingWindow(200), P.Full(),
+                P.TriShape(32, 100, 700))), 700, 900, 0, 0),
+    (P.Causal(), 320, 1024, 704, 0),
+])
+def test_empty_quarters_are_the_empty_64x64_quarters(pattern, q_len, kv_len,
+                                                     q_off, kv_off):
+  """Bit 2 * query_half + key_half of every PARTIAL entry, in both list
+  directions, is set exactly when that quarter sees no pair (padding
+  included), and entries past the PARTIAL ones carry no bits."""
+  heads = 4
+  (fwd, bwd, *_), has_partial = ma._host_plan(  # pylint: disable=protected-access
+      pattern, q_len, kv_len, q_off, kv_off, 1, heads, heads,
+      ma.DEFAULT_CONFIG)
+  assert has_partial
+  t_pad, s_pad = -(-q_len // _BLK) * _BLK, -(-kv_len // _BLK) * _BLK
+  dense = np.zeros((heads, t_pad, s_pad), bool)
+  dense[:, :q_len, :kv_len] = pattern.dense_mask(q_len, kv_len, q_off, kv_off,
+                                                 heads)
+  assert fwd.empty_quarters is not None
+  for lists, rows_are_queries in ((fwd, True), (bwd, False)):
+    quarters = lists.empty_quarters
+    if quarters is None:  # dK/dV: PARTIAL entries mostly in short lists
+      continue
+    for h in range(heads):
+      hm = h if lists.blocks.shape[1] > 1 else 0
+      for row in range(lists.blocks.shape[2]):
+        nf, n = lists.num_full[0, hm, row], lists.count[0, hm, row]
+        for p in range(quarters.shape[-1]):
+          bits = quarters[0, hm, row, p]
+          if nf + p >= n:
+            assert bits == 0
+            continue
+          other = lists.blocks[0, hm, row, nf + p]
+          qi, ki = (row, other) if rows_are_queries else (other, row)
+          for qh in range(2):
+            for kh in range(2):
+              quarter = dense[h, qi * _BLK + qh * _HALF:][:_HALF,
+                              ki * _BLK + kh * _HALF:][:, :_HALF]
+              assert bool(bits >> (2 * qh + kh) & 1) == (not quarter.any()), (
+                  h, row, p, qh, kh)
+
+
+def test_empty_quarters_config():
+  """Where PARTIAL entries are frequent (not dense causal), and for dK/dV
+  only if most sit in long lists (not strided diagonals); none when off."""
+  def quarters(pattern, cfg=ma.DEFAULT_CONFIG, length=4096):
+    (fwd, bwd, *_), _ = ma._host_plan(pattern, length, length, 0, 0, 1, 4, 4,  # pylint: disable=protected-access
+                                      cfg)
+    return fwd.empty_quarters is not None, bwd.empty_quarters is not None
+
+  assert quarters(P.StridedBlockSparse(128, 16, 1)) == (True, False)
+  assert quarters(P.SinkWindow(64, 1023)) == (True, True)
+  assert quarters(P.Causal(), length=32768) == (False, False)  # 1/256 PARTIAL
+  assert quarters(P.Causal()) == (True, True)  # 32 tiles: 1/16.5 PARTIAL
+  off = dataclasses.replace(ma.DEFAULT_CONFIG, skip_empty_quarters=())
+  assert quarters(P.SinkWindow(64, 1023), off) == (False, False)
+  with pytest.raises(ValueError, match="skip_empty_quarters"):
+    dataclasses.replace(ma.DEFAULT_CONFIG, skip_empty_quarters=("fwd",))
 
 
 def test_item_bounds():
