@@ -163,7 +163,7 @@ def _empty_quarters(pattern, lists: Lists, rows_are_queries: bool,
   empty = block_mask.classify_blocks(pattern, q_len, kv_len, half, half,
                                      q_offset, kv_offset,
                                      heads) == block_mask.SKIP
-  _, rows, width = lists.blocks.shape[1:]
+  rows, width = lists.blocks.shape[2:]
   nq, nk = 2 * -(-q_len // _META_BLOCK), 2 * -(-kv_len // _META_BLOCK)
   empty = np.pad(empty, [(0, 0), (0, nq - empty.shape[1]),
                          (0, nk - empty.shape[2])], constant_values=True)
@@ -197,6 +197,17 @@ def _quarter_skips_pay(lists: Lists, min_len: int) -> bool:
   n_partial = int(partial.sum())
   in_long = int((partial * (lists.count >= min_len)).sum())
   return 32 * n_partial >= int(lists.count.sum()) and 2 * in_long >= n_partial
+
+
+def _quarters_empty(bits, q_half, k_half):
+  """Whether the quarters ``(q_half, k_half)`` of ``Lists.empty_quarters``
+  bits are all empty (in-kernel; a half of None means both halves)."""
+  empty = None
+  for qh in (0, 1) if q_half is None else (q_half,):
+    for kh in (0, 1) if k_half is None else (k_half,):
+      bit = lax.shift_right_logical(bits, 2 * qh + kh) & 1 == 1
+      empty = bit if empty is None else empty & bit
+  return empty
 
 
 def _lists(meta: block_mask.BlockMetadata, cfg: Config) -> tuple[Lists, Lists]:
@@ -638,9 +649,9 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
   nbuf = _num_buffers(2 * ns * bk * H * size + 2 * bq * 4, 2 * bq * H * size)
 
   def kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, off_ref, rows_ref,
-             bounds_ref, blk_ref, nfull_ref, cnt_ref, _, out_ref, lse_ref,
-             q_smems, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free,
-             v_free, sched):
+             bounds_ref, blk_ref, nfull_ref, cnt_ref, _quarters_ref, out_ref,
+             lse_ref, q_smems, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar,
+             k_free, v_free, sched):
     cta = lax.axis_index("ctas")
     first, last = bounds_ref[cta], bounds_ref[cta + 1]
     wg = lax.axis_index("wg")
@@ -827,8 +838,8 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
              kvseg_ref, off_ref, rows_ref, bounds_ref, blk_ref, nfull_ref,
              cnt_ref, quarters_ref, dq_ref, q_smems, do_smems, lse_smems,
-             delta_smems,
-             k_smem, v_smem, in_bars, k_bar, v_bar, k_free, v_free):
+             delta_smems, k_smem, v_smem, in_bars, k_bar, v_bar, k_free,
+             v_free):
     cta = lax.axis_index("ctas")
     first, last = bounds_ref[cta], bounds_ref[cta + 1]
     wg = lax.axis_index("wg")
@@ -912,12 +923,11 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
           if masked and quarters_ref is not None:
             # This warpgroup's query half against the step's key half(s).
-            bits = quarters_ref[bm, hm, qt, lax.div(t - n_full, split)]
-            if split == 2:
-              shift = 2 * wg + lax.rem(t, jnp.int32(2))
-              empty = lax.shift_right_logical(bits, shift) & 1 == 1
-            else:
-              empty = lax.shift_right_logical(bits, 2 * wg) & 3 == 3
+            empty = _quarters_empty(
+                quarters_ref[bm, hm, qt, lax.div(t - n_full, split)],
+                q_half=wg,
+                k_half=lax.rem(t, jnp.int32(2)) if split == 2 else None)
+
             def skip(dq):  # the same barrier arrivals as accumulate
               plgpu.barrier_arrive(v_free.at[slot])
               return dq
@@ -1128,13 +1138,11 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
           if masked and quarters_ref is not None:
             # The step's query half(s) against this warpgroup's key half.
-            bits = quarters_ref[bm, hm, kt, lax.div(j, jnp.int32(split))
-                                - n_full]
-            if split == 2:
-              shift = 2 * lax.rem(j, jnp.int32(2)) + wg
-              empty = lax.shift_right_logical(bits, shift) & 1 == 1
-            else:
-              empty = lax.shift_right_logical(bits, wg) & 5 == 5
+            empty = _quarters_empty(
+                quarters_ref[bm, hm, kt, lax.div(j, jnp.int32(split)) - n_full],
+                q_half=lax.rem(j, jnp.int32(2)) if split == 2 else None,
+                k_half=wg)
+
             def skip(dk_dv):  # the same barrier phases as accumulate
               plgpu.barrier_wait(do_bar.at[slot])
               for bar, free in ((lse_bar, lse_free), (delta_bar, delta_free)):

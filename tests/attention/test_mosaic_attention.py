@@ -572,6 +572,19 @@ def test_empty_quarters_are_the_empty_64x64_quarters(pattern, q_len, kv_len,
                   h, row, p, qh, kh)
 
 
+def test_quarters_empty_reads_the_bits():
+  for bits in range(16):
+    for q_half in (0, 1, None):
+      for k_half in (0, 1, None):
+        want = all(bits >> (2 * qh + kh) & 1
+                   for qh in ((0, 1) if q_half is None else (q_half,))
+                   for kh in ((0, 1) if k_half is None else (k_half,)))
+        got = ma._quarters_empty(  # pylint: disable=protected-access
+            jnp.int32(bits), None if q_half is None else jnp.int32(q_half),
+            None if k_half is None else jnp.int32(k_half))
+        assert bool(got) == want, (bits, q_half, k_half)
+
+
 def test_empty_quarters_config():
   """Where PARTIAL entries are frequent (not dense causal), and for dK/dV
   only if most sit in long lists (not strided diagonals); none when off."""
