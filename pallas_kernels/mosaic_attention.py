@@ -85,6 +85,12 @@ class Config:
   # ``_quarter_skips_pay`` (sink+window 32K fwd+bwd -3-5% on the H100;
   # docs/mosaic_kernels.md, log item 8).
   skip_empty_quarters: tuple[str, ...] = ("dq", "dkv")
+  # Host-built lists: when every PARTIAL tile's mask is the causal one on
+  # that tile (strided blocks of 128 tokens, causal), the kernels compare
+  # positions instead of evaluating the pattern, and when those tiles are
+  # also on the diagonal they take positions and empty quarters from the
+  # tile's own index instead of the lists (``_partial_masks``, log item 9).
+  causal_partial_masks: bool = True
 
   def __post_init__(self):
     if 2 * self.block_q != _META_BLOCK or self.block_kv != _META_BLOCK:
@@ -208,6 +214,64 @@ def _quarters_empty(bits, q_half, k_half):
       bit = lax.shift_right_logical(bits, 2 * qh + kh) & 1 == 1
       empty = bit if empty is None else empty & bit
   return empty
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialMasks:
+  """How the kernels mask PARTIAL tiles (static; decided on the host).
+
+  ``kind``: "pattern" evaluates ``pattern.mask`` on positions; "causal"
+  compares ``q_pos >= k_pos`` (every PARTIAL tile shows exactly the causal
+  pairs); "diagonal" also knows each PARTIAL tile is the diagonal one, key
+  tile = query tile + ``shift``, so a masked step computes the other tile's
+  positions from its own tile index instead of reading the block list, and
+  the empty 64x64 quarter (query half 0, key half 1) needs no bits.
+  ``skips``: kernels ("dq", "dkv") that skip that quarter in diagonal mode.
+  """
+  kind: str = "pattern"
+  shift: int = 0
+  skips: tuple[str, ...] = ()
+
+
+def _partial_masks(pattern, kind, q_len: int, kv_len: int, q_offset: int,
+                   kv_offset: int) -> PartialMasks:
+  """``PartialMasks`` of the PARTIAL tiles of ``kind`` (``[Hm, nq, nk]``,
+  128x128), checked element by element on the host, once per shape.
+
+  The pattern's mask arithmetic (e.g. strided block-sparse: block ids,
+  stride phase, per-head offset) costs about 4% of strided 1/16 at 32K
+  (log item 7); a position comparison almost nothing.
+  """
+  heads, qi, ki = np.nonzero(kind == block_mask.PARTIAL)
+  if not len(heads):
+    return PartialMasks()
+  b = _META_BLOCK
+  q_last = np.minimum(qi * b + b, q_len) - 1 + q_offset
+  if (q_last < ki * b + kv_offset).any():
+    return PartialMasks()  # a PARTIAL tile above the diagonal: not causal
+  rows = np.arange(b)
+  for h in np.unique(heads):
+    tiles = np.nonzero(heads == h)[0]
+    for chunk in np.array_split(tiles, -(-len(tiles) // 256)):
+      q_loc = qi[chunk, None, None] * b + rows[:, None]
+      k_loc = ki[chunk, None, None] * b + rows[None, :]
+      q_pos, k_pos = q_loc + q_offset, k_loc + kv_offset
+      visible = np.asarray(pattern.mask(q_pos, k_pos, int(h)))
+      real = (q_loc < q_len) & (k_loc < kv_len)
+      if (real & (visible != (q_pos >= k_pos))).any():
+        return PartialMasks()
+  shift, rem = divmod(q_offset - kv_offset, b)
+  if rem == 0 and (ki - qi == shift).all():
+    return PartialMasks("diagonal", int(shift))
+  return PartialMasks("causal")
+
+
+def _diagonal_quarter_empty(q_half, k_half):
+  """In-kernel: whether the 64x64 quarter of an aligned causal diagonal tile
+  is empty (queries 0-63 against keys 64-127); None: both halves."""
+  if q_half is None or k_half is None:
+    return None  # a query or key half that is never empty: no skip
+  return (q_half == 0) & (k_half == 1)
 
 
 def _lists(meta: block_mask.BlockMetadata, cfg: Config) -> tuple[Lists, Lists]:
@@ -497,6 +561,7 @@ class _Statics:
   kv_len: int          # real keys; later ones are padding (masked)
   has_partial: bool    # False: no element mask anywhere (masked loop omitted)
   has_segments: bool
+  partial: PartialMasks = PartialMasks()
 
 
 def _compiler_params(plgpu):
@@ -530,7 +595,10 @@ def _visible(st: _Statics, plgpu, shape, q_axis: int, q_local0, k_local0,
   q_loc = q_loc + q_local0
   k_loc = k_loc + k_local0
   q_pos, k_pos = q_loc + offsets[0], k_loc + offsets[1]
-  vis = st.pattern.mask(q_pos, k_pos, head)
+  if st.partial.kind != "pattern":
+    vis = q_pos >= k_pos
+  else:
+    vis = st.pattern.mask(q_pos, k_pos, head)
   if st.has_segments:
     same = (lax.broadcast_in_dim(q_seg, shape, [q_axis])
             == lax.broadcast_in_dim(kv_seg, shape, [1 - q_axis]))
@@ -712,7 +780,10 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
           plgpu.barrier_arrive(k_free.at[slot])
           s, _ = _logits(s, st)
           if masked:
-            k_row0 = blk_ref[bm, hm, qt, t] * bk
+            if st.partial.kind == "diagonal":
+              k_row0 = (qt + st.partial.shift) * bk
+            else:
+              k_row0 = blk_ref[bm, hm, qt, t] * bk
             s = _mask_logits(s, st, plgpu, 0, q_row0, k_row0, offs, h, q_seg,
                              lambda: kvseg_ref.at[b, pl.ds(k_row0, bk)])
           m_new = jnp.maximum(m_i, s.max(axis=1))
@@ -853,6 +924,12 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       blk = blk_ref[bm, hm, qt, lax.div(t, jnp.int32(split))]
       return blk * _META_BLOCK + lax.rem(t, jnp.int32(split)) * bk
 
+    def masked_kv_row0(bm, hm, qt, t):
+      if st.partial.kind != "diagonal":
+        return kv_row0(bm, hm, qt, t)
+      return ((qt + st.partial.shift) * _META_BLOCK
+              + lax.rem(t, jnp.int32(split)) * bk)
+
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
@@ -892,7 +969,7 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
           def probs(s):
             s, tanh = _logits(s, st)
             if masked:
-              k_row0 = kv_row0(bm, hm, qt, t)
+              k_row0 = masked_kv_row0(bm, hm, qt, t)
               s = _mask_logits(s, st, plgpu, 0, q_row0, k_row0, offs, h, q_seg,
                                lambda: kvseg_ref.at[b, pl.ds(k_row0, bk)])
             return jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0])), tanh
@@ -921,13 +998,16 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
             return pl.run_state(compute_dq)(plgpu.ACC.init(dq))
 
+          k_half = lax.rem(t, jnp.int32(2)) if split == 2 else None
+          empty = None
           if masked and quarters_ref is not None:
             # This warpgroup's query half against the step's key half(s).
             empty = _quarters_empty(
                 quarters_ref[bm, hm, qt, lax.div(t - n_full, split)],
-                q_half=wg,
-                k_half=lax.rem(t, jnp.int32(2)) if split == 2 else None)
-
+                q_half=wg, k_half=k_half)
+          elif masked and "dq" in st.partial.skips:
+            empty = _diagonal_quarter_empty(wg, k_half)
+          if empty is not None:
             def skip(dq):  # the same barrier arrivals as accumulate
               plgpu.barrier_arrive(v_free.at[slot])
               return dq
@@ -1056,6 +1136,12 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       blk = blk_ref[bm, hm, kt, lax.div(j, jnp.int32(split))]
       return blk * _META_BLOCK + lax.rem(j, jnp.int32(split)) * bq
 
+    def masked_q_row0(bm, hm, kt, j):
+      if st.partial.kind != "diagonal":
+        return q_row0(bm, hm, kt, j)
+      return ((kt - st.partial.shift) * _META_BLOCK
+              + lax.rem(j, jnp.int32(split)) * bq)
+
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
@@ -1096,7 +1182,7 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
           def probs_t(s_t):
             s_t, tanh = _logits(s_t, st)
             if masked:
-              q0 = q_row0(bm, hm, kt, j)
+              q0 = masked_q_row0(bm, hm, kt, j)
               s_t = _mask_logits(s_t, st, plgpu, 1, q0, k_row0, offs, hq,
                                  kv_seg, lambda: qseg_ref.at[b, pl.ds(q0, bq)])
             lse = ring_vector(lse_smem, lse_bar, lse_free)
@@ -1136,13 +1222,16 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
                 (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             return dk, dv
 
+          q_half = lax.rem(j, jnp.int32(2)) if split == 2 else None
+          empty = None
           if masked and quarters_ref is not None:
             # The step's query half(s) against this warpgroup's key half.
             empty = _quarters_empty(
                 quarters_ref[bm, hm, kt, lax.div(j, jnp.int32(split)) - n_full],
-                q_half=lax.rem(j, jnp.int32(2)) if split == 2 else None,
-                k_half=wg)
-
+                q_half=q_half, k_half=wg)
+          elif masked and "dkv" in st.partial.skips:
+            empty = _diagonal_quarter_empty(q_half, wg)
+          if empty is not None:
             def skip(dk_dv):  # the same barrier phases as accumulate
               plgpu.barrier_wait(do_bar.at[slot])
               for bar, free in ((lse_bar, lse_free), (delta_bar, delta_free)):
@@ -1340,10 +1429,11 @@ def _plan(meta: block_mask.BlockMetadata, batch: int, heads: int,
 def _host_plan(pattern, q_len: int, kv_len: int, q_offset: int,
                kv_offset: int, batch: int, heads: int, kv_heads: int,
                cfg: Config):
-  """Numpy plan and has_partial for static offsets, or None if too large."""
-  visit = block_mask.classify_blocks(pattern, q_len, kv_len, _META_BLOCK,
-                                     _META_BLOCK, q_offset, kv_offset,
-                                     heads) > block_mask.SKIP
+  """(numpy plan, has_partial, PartialMasks) for static offsets, or None if
+  the tables are too large to embed."""
+  kind = block_mask.classify_blocks(pattern, q_len, kv_len, _META_BLOCK,
+                                    _META_BLOCK, q_offset, kv_offset, heads)
+  visit = kind > block_mask.SKIP
   hm, nq, nk = visit.shape
   widths = max(1, visit.sum(-1).max()), max(1, visit.sum(-2).max())
   if 5 * hm * (nq * widths[0] + nk * widths[1]) > _MAX_CONSTANT_TABLE_BYTES:
@@ -1353,14 +1443,23 @@ def _host_plan(pattern, q_len: int, kv_len: int, q_offset: int,
   has_partial = bool((meta.kv_full.sum(-1) < meta.kv_counts).any())
   fwd_lists, bwd_lists, *rest = _plan(meta, batch, heads, kv_heads, cfg)
   where = (q_len, kv_len, q_offset, kv_offset, heads)
+  masks = PartialMasks()
+  if has_partial and cfg.causal_partial_masks:
+    masks = _partial_masks(pattern, kind, *where[:4])
   skip = cfg.skip_empty_quarters if has_partial and pattern.in_kernel_mask else ()
-  if "dq" in skip and _quarter_skips_pay(fwd_lists, min_len=1):
+  skips = tuple(name for name, lists, min_len in (("dq", fwd_lists, 1),
+                                                  ("dkv", bwd_lists, 4))
+                if name in skip and _quarter_skips_pay(lists, min_len))
+  if masks.kind == "diagonal":  # the quarters follow from the tile index
+    return ((fwd_lists, bwd_lists, *rest), has_partial,
+            dataclasses.replace(masks, skips=skips))
+  if "dq" in skips:
     fwd_lists = fwd_lists._replace(empty_quarters=_empty_quarters(
         pattern, fwd_lists, True, *where))
-  if "dkv" in skip and _quarter_skips_pay(bwd_lists, min_len=4):
+  if "dkv" in skips:
     bwd_lists = bwd_lists._replace(empty_quarters=_empty_quarters(
         pattern, bwd_lists, False, *where))
-  return (fwd_lists, bwd_lists, *rest), has_partial
+  return (fwd_lists, bwd_lists, *rest), has_partial, masks
 
 
 def _pad_to(x, axis: int, size: int):
@@ -1413,8 +1512,9 @@ def mosaic_attention(
   host = None
   if q_off is not None and kv_off is not None and not has_segments:
     host = _host_plan(pattern, T, S, q_off, kv_off, B, N, KH, config)
+  partial = PartialMasks()
   if host is not None:
-    plan, has_partial = host
+    plan, has_partial, partial = host
   else:
     # Traced offsets or segment ids: lists built on device. Static offsets
     # without segments come here only when the tables are too large to embed;
@@ -1441,7 +1541,7 @@ def mosaic_attention(
   st = _Statics(pattern=pattern, scale=H ** -0.5 if scale is None else float(scale),
                 softcap=None if softcap is None else float(softcap),
                 cfg=config, kv_len=S, has_partial=has_partial,
-                has_segments=has_segments)
+                has_segments=has_segments, partial=partial)
   out, lse = _attention_fn(st)(q_p, k_p, v_p, q_seg, kv_seg, offsets, plan)
   out, lse = out[:, :T], lse[..., :T]
   return (out, lse) if return_lse else out

@@ -116,9 +116,14 @@ def _logits(s, st):
 
 
 def _visible(st, q_loc, k_loc, offsets, head, q_seg, kv_seg):
-  """Like the kernels' mask: pattern on absolute positions, segments, padding."""
+  """Like the kernels' mask: pattern on absolute positions (or the causal
+  comparison where the host found every PARTIAL tile causal), segments,
+  padding."""
   q_pos, k_pos = q_loc + offsets[0], k_loc + offsets[1]
-  vis = np.asarray(st.pattern.mask(q_pos, k_pos, head))
+  if st.partial.kind != "pattern":
+    vis = q_pos >= k_pos
+  else:
+    vis = np.asarray(st.pattern.mask(q_pos, k_pos, head))
   if st.has_segments:
     same = q_seg == kv_seg
     if st.pattern.has_segment_exemptions:
@@ -167,7 +172,10 @@ def _emu_forward(q, k, v, q_seg, kv_seg, offsets, rows, lists, st):
         c = blocks[bm, hm, qt, t] * _BLK + np.arange(_BLK)
         s, _ = _logits(q[b, r, h] @ k[b, c, h // G].T, st)
         if masked:
-          vis = _visible(st, r[:, None], c[None, :], offsets, h,
+          c_mask = c
+          if st.partial.kind == "diagonal":  # the kernel's own-tile positions
+            c_mask = (qt + st.partial.shift) * _BLK + np.arange(_BLK)
+          vis = _visible(st, r[:, None], c_mask[None, :], offsets, h,
                          _seg(q_seg, b, r)[:, None] if st.has_segments else None,
                          _seg(kv_seg, b, c)[None, :] if st.has_segments else None)
           s = np.where(vis, s, -np.inf)
@@ -213,7 +221,11 @@ def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
         kc = k[b, c, h // G]
         s, tanh = _logits(q[b, r, h] @ kc.T, st)
         if masked:
-          vis = _visible(st, r[:, None], c[None, :], offsets, h,
+          c_mask = c
+          if st.partial.kind == "diagonal":  # the kernel's own-tile positions
+            c_mask = ((qt + st.partial.shift) * _BLK + (t % split) * bk
+                      + np.arange(bk))
+          vis = _visible(st, r[:, None], c_mask[None, :], offsets, h,
                          _seg(q_seg, b, r)[:, None] if st.has_segments else None,
                          _seg(kv_seg, b, c)[None, :] if st.has_segments else None)
           s = np.where(vis, s, -np.inf)
@@ -227,6 +239,8 @@ def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
           for qh in range(2):
             if all(bits >> (2 * qh + kh) & 1 for kh in halves):
               ds[qh * _HALF:(qh + 1) * _HALF] = 0.0
+        if masked and "dq" in st.partial.skips and split == 2 and t % 2:
+          ds[:_HALF] = 0.0  # queries 0-63 against keys 64-127 of the diagonal
         acc += ds @ kc
       dq[b, r, h] = acc * st.scale
     return dq
@@ -303,8 +317,12 @@ def _emu_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, lists, sched,
           qr, dor = q[b, r, hq], do[b, r, hq]
           s_t, tanh = _logits(kc @ qr.T, st)
           if is_masked:
+            r_mask = r
+            if st.partial.kind == "diagonal":  # the kernel's own-tile positions
+              r_mask = ((kt - st.partial.shift) * _BLK + (j % split) * bq
+                        + np.arange(bq))
             vis = _visible(
-                st, r[None, :], c[:, None], offsets, hq,
+                st, r_mask[None, :], c[:, None], offsets, hq,
                 _seg(q_seg, b, r)[None, :] if st.has_segments else None,
                 _seg(kv_seg, b, c)[:, None] if st.has_segments else None)
             s_t = np.where(vis, s_t, -np.inf)
@@ -319,6 +337,10 @@ def _emu_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, lists, sched,
               if all(bits >> (2 * qh + kh) & 1 for qh in halves):
                 p_t[kh * _HALF:(kh + 1) * _HALF] = 0.0
                 ds_t[kh * _HALF:(kh + 1) * _HALF] = 0.0
+          if (is_masked and "dkv" in st.partial.skips and split == 2
+              and j % 2 == 0):  # keys 64-127 against queries 0-63: skipped
+            p_t[_HALF:] = 0.0
+            ds_t[_HALF:] = 0.0
           acc_v += p_t @ dor
           acc_k += ds_t @ qr
         offset += n_tot
@@ -540,9 +562,9 @@ def test_empty_quarters_are_the_empty_64x64_quarters(pattern, q_len, kv_len,
   directions, is set exactly when that quarter sees no pair (padding
   included), and entries past the PARTIAL ones carry no bits."""
   heads = 4
-  (fwd, bwd, *_), has_partial = ma._host_plan(  # pylint: disable=protected-access
-      pattern, q_len, kv_len, q_off, kv_off, 1, heads, heads,
-      ma.DEFAULT_CONFIG)
+  bits_cfg = dataclasses.replace(ma.DEFAULT_CONFIG, causal_partial_masks=False)
+  (fwd, bwd, *_), has_partial, _ = ma._host_plan(  # pylint: disable=protected-access
+      pattern, q_len, kv_len, q_off, kv_off, 1, heads, heads, bits_cfg)
   assert has_partial
   t_pad, s_pad = -(-q_len // _BLK) * _BLK, -(-kv_len // _BLK) * _BLK
   dense = np.zeros((heads, t_pad, s_pad), bool)
@@ -572,6 +594,62 @@ def test_empty_quarters_are_the_empty_64x64_quarters(pattern, q_len, kv_len,
                   h, row, p, qh, kh)
 
 
+@pytest.mark.parametrize("pattern, q_len, kv_len, q_off, kv_off, want", [
+    (P.Causal(), 1024, 1024, 0, 0, "diagonal"),
+    (P.Causal(), 1000, 1000, 0, 0, "causal"),   # padded query rows: PARTIAL
+    (P.Causal(), 320, 1024, 704, 0, "causal"),  # chunked prefill, off-grid
+    (P.Causal(), 256, 1024, 768, 0, "diagonal"),  # on the grid: shift 6
+    (P.Causal(), 384, 384, 37, 37, "diagonal"),
+    (P.Causal(), 300, 400, 37, 3, "causal"),
+    (P.StridedBlockSparse(block_size=128, stride=4, local_blocks=1), 1024,
+     1024, 0, 0, "diagonal"),
+    (P.StridedBlockSparse(block_size=128, stride=16, local_blocks=2), 1024,
+     1000, 0, 0, "diagonal"),                 # padded keys: masked apart
+    (P.StridedBlockSparse(block_size=128, stride=16, local_blocks=2), 1000,
+     1000, 0, 0, "causal"),
+    (P.StridedBlockSparse(block_size=64, stride=4, local_blocks=1), 1024,
+     1024, 0, 0, "pattern"),                  # 64-blocks inside the tiles
+    (P.SinkWindow(64, 300), 1000, 1000, 0, 0, "pattern"),
+    (P.SlidingWindow(200), 1000, 1000, 0, 0, "pattern"),
+    (P.PerHead((P.Causal(), P.SlidingWindow(200), P.Full(), P.Causal())),
+     700, 900, 0, 0, "pattern"),
+    (P.Causal() & P.StridedBlocks(block_size=128, stride=4), 640, 640, 64,
+     64, "pattern"),                          # 128-blocks off the tile grid
+])
+def test_partial_masks(pattern, q_len, kv_len, q_off, kv_off, want):
+  """The host proof behind the kernels' cheap masks: "causal" exactly when
+  every PARTIAL tile's real pairs are the causal ones (checked here against
+  the dense mask), "diagonal" when those tiles are also the diagonal ones
+  (key tile = query tile + shift; no empty-quarter bits then), off by the
+  config."""
+  heads = 4
+  (fwd, bwd, *_), has_partial, masks = ma._host_plan(  # pylint: disable=protected-access
+      pattern, q_len, kv_len, q_off, kv_off, 1, heads, heads,
+      ma.DEFAULT_CONFIG)
+  assert has_partial and masks.kind == want
+  kind = block_mask.classify_blocks(pattern, q_len, kv_len, _BLK, _BLK, q_off,
+                                    kv_off, heads)
+  dense = np.broadcast_to(pattern.dense_mask(q_len, kv_len, q_off, kv_off,
+                                             heads), (heads, q_len, kv_len))
+  causal_pairs = (np.arange(q_len)[:, None] + q_off
+                  >= np.arange(kv_len)[None, :] + kv_off)
+  partial = np.broadcast_to(kind == block_mask.PARTIAL,
+                            (heads,) + kind.shape[1:])
+  partial_pairs = np.kron(partial, np.ones((_BLK, _BLK), bool))
+  agree = ~partial_pairs[:, :q_len, :kv_len] | (dense == causal_pairs)
+  assert bool(agree.all()) == (want != "pattern")
+  _, qi, ki = np.nonzero(partial)
+  diagonal = (q_off - kv_off) % _BLK == 0 and (
+      ki - qi == (q_off - kv_off) // _BLK).all()
+  assert (want == "diagonal") == bool(agree.all() and diagonal)
+  if want == "diagonal":
+    assert masks.shift == (q_off - kv_off) // _BLK
+    assert fwd.empty_quarters is None and bwd.empty_quarters is None
+  off = dataclasses.replace(ma.DEFAULT_CONFIG, causal_partial_masks=False)
+  assert ma._host_plan(pattern, q_len, kv_len, q_off, kv_off, 1, heads,  # pylint: disable=protected-access
+                       heads, off)[2] == ma.PartialMasks()
+
+
 def test_quarters_empty_reads_the_bits():
   for bits in range(16):
     for q_half in (0, 1, None):
@@ -589,8 +667,12 @@ def test_empty_quarters_config():
   """Where PARTIAL entries are frequent (not dense causal), and for dK/dV
   only if most sit in long lists (not strided diagonals); none when off."""
   def quarters(pattern, cfg=ma.DEFAULT_CONFIG, length=4096):
-    (fwd, bwd, *_), _ = ma._host_plan(pattern, length, length, 0, 0, 1, 4, 4,  # pylint: disable=protected-access
-                                      cfg)
+    (fwd, bwd, *_), _, masks = ma._host_plan(pattern, length, length, 0, 0, 1,  # pylint: disable=protected-access
+                                             4, 4, cfg)
+    if masks.kind == "diagonal":  # skips known from the tile index, no bits
+      assert fwd.empty_quarters is None and bwd.empty_quarters is None
+      return "dq" in masks.skips, "dkv" in masks.skips
+    assert not masks.skips
     return fwd.empty_quarters is not None, bwd.empty_quarters is not None
 
   assert quarters(P.StridedBlockSparse(128, 16, 1)) == (True, False)
@@ -599,6 +681,7 @@ def test_empty_quarters_config():
   assert quarters(P.Causal()) == (True, True)  # 32 tiles: 1/16.5 PARTIAL
   off = dataclasses.replace(ma.DEFAULT_CONFIG, skip_empty_quarters=())
   assert quarters(P.SinkWindow(64, 1023), off) == (False, False)
+  assert quarters(P.StridedBlockSparse(128, 16, 1), off) == (False, False)
   with pytest.raises(ValueError, match="skip_empty_quarters"):
     dataclasses.replace(ma.DEFAULT_CONFIG, skip_empty_quarters=("fwd",))
 
@@ -630,11 +713,13 @@ def test_merge_split_tiles_sums_parts_in_place():
 
 @pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
                     reason="the kernels use the jax 0.11 Mosaic GPU API")
-@pytest.mark.parametrize("split", [0, 2])
-def test_kernels_lower_for_cuda(monkeypatch, split):
-  """Traces and lowers forward + backward (all three kernels) for CUDA."""
+@pytest.mark.parametrize("split, causal_masks", [(0, True), (2, False)])
+def test_kernels_lower_for_cuda(monkeypatch, split, causal_masks):
+  """Traces and lowers forward + backward (all three kernels) for CUDA, with
+  the pattern's element mask or the causal comparison on PARTIAL tiles."""
   monkeypatch.setattr(ma, "supports", lambda *a, **k: None)
-  cfg = dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=split)
+  cfg = dataclasses.replace(ma.DEFAULT_CONFIG, dkv_split=split,
+                            causal_partial_masks=causal_masks)
   pattern = P.StridedBlockSparse(block_size=128, stride=4, local_blocks=2)
 
   def f(q, k, v, do):
