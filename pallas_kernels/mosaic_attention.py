@@ -266,6 +266,23 @@ def _partial_masks(pattern, kind, q_len: int, kv_len: int, q_offset: int,
   return PartialMasks("causal")
 
 
+def _step_skippable(st: "_Statics", kernel: str, masked: bool, bits,
+                    q_half, k_half):
+  """In-kernel: whether a warpgroup may skip this step (its 64x64 quarter
+  of a PARTIAL tile is empty), or None when the step never skips.
+
+  ``bits()`` reads the entry's ``Lists.empty_quarters`` bits (None when the
+  lists carry none); in diagonal mode the quarter follows from the halves.
+  """
+  if not masked:
+    return None
+  if bits is not None:
+    return _quarters_empty(bits(), q_half, k_half)
+  if kernel in st.partial.skips:
+    return _diagonal_quarter_empty(q_half, k_half)
+  return None
+
+
 def _diagonal_quarter_empty(q_half, k_half):
   """In-kernel: whether the 64x64 quarter of an aligned causal diagonal tile
   is empty (queries 0-63 against keys 64-127); None: both halves."""
@@ -998,15 +1015,12 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
             return pl.run_state(compute_dq)(plgpu.ACC.init(dq))
 
-          k_half = lax.rem(t, jnp.int32(2)) if split == 2 else None
-          empty = None
-          if masked and quarters_ref is not None:
-            # This warpgroup's query half against the step's key half(s).
-            empty = _quarters_empty(
-                quarters_ref[bm, hm, qt, lax.div(t - n_full, split)],
-                q_half=wg, k_half=k_half)
-          elif masked and "dq" in st.partial.skips:
-            empty = _diagonal_quarter_empty(wg, k_half)
+          # This warpgroup's query half against the step's key half(s).
+          bits = None if quarters_ref is None else (
+              lambda: quarters_ref[bm, hm, qt, lax.div(t - n_full, split)])
+          empty = _step_skippable(
+              st, "dq", masked, bits, q_half=wg,
+              k_half=lax.rem(t, jnp.int32(2)) if split == 2 else None)
           if empty is not None:
             def skip(dq):  # the same barrier arrivals as accumulate
               plgpu.barrier_arrive(v_free.at[slot])
@@ -1222,15 +1236,14 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
                 (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             return dk, dv
 
-          q_half = lax.rem(j, jnp.int32(2)) if split == 2 else None
-          empty = None
-          if masked and quarters_ref is not None:
-            # The step's query half(s) against this warpgroup's key half.
-            empty = _quarters_empty(
-                quarters_ref[bm, hm, kt, lax.div(j, jnp.int32(split)) - n_full],
-                q_half=q_half, k_half=wg)
-          elif masked and "dkv" in st.partial.skips:
-            empty = _diagonal_quarter_empty(q_half, wg)
+          # The step's query half(s) against this warpgroup's key half.
+          bits = None if quarters_ref is None else (
+              lambda: quarters_ref[bm, hm, kt,
+                                   lax.div(j, jnp.int32(split)) - n_full])
+          empty = _step_skippable(
+              st, "dkv", masked, bits,
+              q_half=lax.rem(j, jnp.int32(2)) if split == 2 else None,
+              k_half=wg)
           if empty is not None:
             def skip(dk_dv):  # the same barrier phases as accumulate
               plgpu.barrier_wait(do_bar.at[slot])
