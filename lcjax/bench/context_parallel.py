@@ -105,12 +105,11 @@ def _context_time(args, cp, pattern, length, devices, rng, dtype) -> float:
     return median_ms(fn, (q, k, v), args.repeats)
 
 
-def scaling(args) -> list[dict]:
+def scaling(args, emit: Callable[[dict], None]) -> None:
   dtype = jnp.dtype(args.dtype)
   rng = np.random.default_rng(args.seed)
   devices = jax.devices()
   counts = [n for n in (1, 2, 4, 8, 16, 32) if n <= len(devices)]
-  records = []
   for name, pattern in patterns(args.quick).items():
     for regime in ("weak", "strong"):
       base_len = args.tokens_per_device if regime == "weak" else args.seq_len
@@ -118,10 +117,8 @@ def scaling(args) -> list[dict]:
       flops1 = 3.5 * 4.0 * visible(pattern, base_len, args.heads) * args.head_dim * (
           args.batch)
       for impl, ms in one.items():
-        records.append(dict(pattern=name, regime=regime, devices=1, strategy=impl,
-                            seq_len=base_len, ms=ms,
-                            tflops_per_device=flops1 / ms / 1e9))
-        _print(records[-1])
+        emit(dict(pattern=name, regime=regime, devices=1, strategy=impl,
+                  seq_len=base_len, ms=ms, tflops_per_device=flops1 / ms / 1e9))
       for n in counts[1:]:
         length = base_len * n if regime == "weak" else base_len
         flops = 3.5 * 4.0 * visible(pattern, length, args.heads) * args.head_dim * (
@@ -143,19 +140,16 @@ def scaling(args) -> list[dict]:
               rec.update(ms=ms, tflops_per_device=per_device, efficiency=efficiency)
             except Exception as e:  # pylint: disable=broad-except
               rec["error"] = (str(e).splitlines() or [type(e).__name__])[0][:200]
-          records.append(rec)
-          _print(rec)
-  return records
+          emit(rec)
 
 
-def overhead(args) -> list[dict]:
+def overhead(args, emit: Callable[[dict], None]) -> None:
   """One device: plain attend vs the model's CP entry and the forced ring."""
   dtype = jnp.dtype(args.dtype)
   rng = np.random.default_rng(args.seed)
   length = args.seq_len
   device = jax.devices()[:1]
   mesh = make_mesh(MeshConfig(data=1, sequence=1), device)
-  records = []
   for name, pattern in patterns(args.quick).items():
     q, k, v, ct = _inputs(rng, args.batch, length, args.heads, args.kv_heads,
                           args.head_dim, dtype)
@@ -191,9 +185,7 @@ def overhead(args) -> list[dict]:
             rec["same_program_as_attend"] = _program(jitted, q, k, v) == _program(
                 jax.jit(impls["attend"]) if mode == "fwd" else _fwd_bwd(
                     impls["attend"], ct), q, k, v)
-          records.append(rec)
-          _print(rec)
-  return records
+          emit(rec)
 
 
 def _program(jitted, *args) -> str:
@@ -233,11 +225,20 @@ def main(argv=None) -> None:
     args.dtype, args.repeats = "float32", 1
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}",
         flush=True)
-  records = scaling(args) if args.mode == "scaling" else overhead(args)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
-                 "device_count": jax.device_count(), "records": records}, f, indent=1)
+  records = []
+
+  def emit(rec: dict) -> None:
+    """Prints a record and rewrites ``--out`` with all so far, so that a run
+    cut short (time limit, a compiler crash) keeps what it measured."""
+    records.append(rec)
+    _print(rec)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "device": jax.devices()[0].device_kind,
+                   "device_count": jax.device_count(), "records": records}, f,
+                  indent=1)
+
+  (scaling if args.mode == "scaling" else overhead)(args, emit)
 
 
 if __name__ == "__main__":
