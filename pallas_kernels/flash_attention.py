@@ -552,27 +552,11 @@ def _fit_block(block: int, length: int) -> int:
   return max(16, min(block, _next_pow2(length)))
 
 
-def flash_attention(
-    q_BxTxNxH: jax.Array,
-    k_BxSxKxH: jax.Array,
-    v_BxSxKxH: jax.Array,
-    pattern: Pattern,
-    *,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    q_offset: int | jax.Array = 0,
-    kv_offset: int | jax.Array = 0,
-    scale: float | None = None,
-    softcap: float | None = None,
-    return_lse: bool = False,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
-):
-  """Block-sparse flash attention; same semantics as ``attend``.
-
-  Lengths that are not block multiples and head dims that are not powers of
-  two are zero-padded internally. ``interpret`` defaults to True on CPU.
-  """
+def _prepare(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, *, q_segment_ids,
+             kv_segment_ids, q_offset, kv_offset, scale, softcap, block_sizes,
+             interpret):
+  """Checks a call and returns ``(cfg, padded q/k/v/segments/offsets, tables)``
+  shared by the forward and :func:`flash_attention_backward`."""
   B, T, N, H = q_BxTxNxH.shape
   _, S, K, _ = k_BxSxKxH.shape
   reason = supports(q_BxTxNxH.shape, k_BxSxKxH.shape, q_BxTxNxH.dtype, pattern,
@@ -635,8 +619,72 @@ def flash_attention(
   q = _pad_to(_pad_to(q_BxTxNxH, 1, Tp), 3, Hp)
   k = _pad_to(_pad_to(k_BxSxKxH, 1, Sp), 3, Hp)
   v = _pad_to(_pad_to(v_BxSxKxH, 1, Sp), 3, Hp)
-  out, lse = _flash(cfg, q, k, v, q_seg, kv_seg, offs, tables[0][0],
-                    tables[1][0], tables[2][1])
+  return cfg, (q, k, v, q_seg, kv_seg, offs), tables
+
+
+def flash_attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    pattern: Pattern,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+):
+  """Block-sparse flash attention; same semantics as ``attend``.
+
+  Lengths that are not block multiples and head dims that are not powers of
+  two are zero-padded internally. ``interpret`` defaults to True on CPU.
+  """
+  _, T, _, H = q_BxTxNxH.shape
+  cfg, padded, tables = _prepare(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_offset=kv_offset,
+      scale=scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
+  out, lse = _flash(cfg, *padded, tables[0][0], tables[1][0], tables[2][1])
   out = out[:, :T, :, :H]
   lse = lse[:, :, :T]
   return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    pattern: Pattern,
+    out_BxTxNxH: jax.Array,
+    lse_BxNxT: jax.Array,
+    d_out_BxTxNxH: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(dq, dk, dv)`` from the backward kernels alone, given the rows' final
+  ``out``/``lse`` (see ``lcjax.attention.attend_backward``): no forward pass."""
+  _, T, _, H = q_BxTxNxH.shape
+  S = k_BxSxKxH.shape[1]
+  cfg, (q, k, v, q_seg, kv_seg, offs), tables = _prepare(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_offset=kv_offset,
+      scale=scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
+  Tp, Hp = q.shape[1], q.shape[3]
+  pad = lambda x: _pad_to(_pad_to(x.astype(q.dtype), 1, Tp), 3, Hp)
+  lse = jnp.pad(lse_BxNxT.astype(jnp.float32), ((0, 0), (0, 0), (0, Tp - T)),
+                constant_values=-jnp.inf)
+  dq, dk, dv = _backward(cfg, q, k, v, q_seg, kv_seg, offs, tables[1][0],
+                         tables[2][1], pad(out_BxTxNxH), lse, pad(d_out_BxTxNxH),
+                         jnp.zeros(lse.shape, jnp.float32))
+  return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]

@@ -1400,27 +1400,36 @@ def _attention_fn(st: _Statics):
 
   def attn_bwd(res, cotangents):
     q, k, v, q_seg, kv_seg, offsets, plan, out, lse = res
-    fwd_lists, bwd_lists, rows, kv_sched = plan
     do, dlse = cotangents
-    do = do.astype(q.dtype)
-    # delta_i = sum_j p_ij dp_ij = <o_i, do_i>. A cotangent on lse_i adds
-    # p_ij * dlse_i to ds_ij, i.e. subtracts dlse_i from delta_i.
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32),
-                       do.astype(jnp.float32))
-    delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
-    # lse in log2 units; +inf on rows that see no key so that p = 0 there.
-    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)
-    args = (q, k, v, do, lse2, delta, q_seg, kv_seg, offsets)
-    dq = _backward_dq(*args, rows, fwd_lists, st)
-    dk, dv, dk_parts, dv_parts = _backward_dkv(*args, bwd_lists, kv_sched, st)
-    if dk_parts is not None:
-      dk = _merge_split_tiles(dk, dk_parts, kv_sched)
-      dv = _merge_split_tiles(dv, dv_parts, kv_sched)
+    dq, dk, dv = _backward(st, q, k, v, q_seg, kv_seg, offsets, plan, out, lse,
+                           do, dlse)
     nones = lambda tree: jax.tree.map(lambda _: None, tree)
     return (dq, dk, dv, nones(q_seg), nones(kv_seg), None, nones(plan))
 
   attn.defvjp(attn_fwd, attn_bwd)
   return attn
+
+
+def _backward(st: _Statics, q, k, v, q_seg, kv_seg, offsets, plan, out, lse, do,
+              dlse):
+  """dQ and dK/dV kernels on block-padded inputs, given the rows' ``out``/``lse``."""
+  fwd_lists, bwd_lists, rows, kv_sched = plan
+  do = do.astype(q.dtype)
+  # delta_i = sum_j p_ij dp_ij = <o_i, do_i>. A cotangent on lse_i adds
+  # p_ij * dlse_i to ds_ij, i.e. subtracts dlse_i from delta_i.
+  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32),
+                     do.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
+  # lse in log2 units; +inf on rows that see no key so that p = 0 there.
+  lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)
+  args = (q, k, v, do, lse2, delta, q_seg, kv_seg, offsets)
+  dq = _backward_dq(*args, rows, fwd_lists, st)
+  dk, dv, dk_parts, dv_parts = _backward_dkv(*args, bwd_lists, kv_sched, st)
+  if dk_parts is not None:
+    dk = _merge_split_tiles(dk, dk_parts, kv_sched)
+    dv = _merge_split_tiles(dv, dv_parts, kv_sched)
+  return dq, dk, dv
 
 
 # Host tables enter the jitted program as constants, which XLA embeds in the
@@ -1483,27 +1492,10 @@ def _pad_to(x, axis: int, size: int):
   return jnp.pad(x, pad)
 
 
-def mosaic_attention(
-    q_BxTxNxH: jax.Array,
-    k_BxSxKxH: jax.Array,
-    v_BxSxKxH: jax.Array,
-    pattern: Any,
-    *,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    q_offset: int | jax.Array = 0,
-    kv_offset: int | jax.Array = 0,
-    scale: float | None = None,
-    softcap: float | None = None,
-    return_lse: bool = False,
-    config: Config = DEFAULT_CONFIG,
-):
-  """Block-sparse attention on Hopper with the semantics of ``dense_attention``.
-
-  Differentiable in q, k, v (and through ``lse`` when ``return_lse``). Static
-  offsets and no segment ids use cached host metadata; traced offsets or
-  segment ids build the block lists on device.
-  """
+def _prepare(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, *, q_segment_ids,
+             kv_segment_ids, q_offset, kv_offset, scale, softcap, config: Config):
+  """Checks a call; returns ``(statics, plan, padded q/k/v/segments/offsets)``
+  shared by the forward and :func:`mosaic_attention_backward`."""
   q, k, v = q_BxTxNxH, k_BxSxKxH, v_BxSxKxH
   has_segments = q_segment_ids is not None
   if has_segments != (kv_segment_ids is not None):
@@ -1555,6 +1547,68 @@ def mosaic_attention(
                 softcap=None if softcap is None else float(softcap),
                 cfg=config, kv_len=S, has_partial=has_partial,
                 has_segments=has_segments, partial=partial)
-  out, lse = _attention_fn(st)(q_p, k_p, v_p, q_seg, kv_seg, offsets, plan)
+  return st, plan, (q_p, k_p, v_p, q_seg, kv_seg, offsets)
+
+
+def mosaic_attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    pattern: Any,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    config: Config = DEFAULT_CONFIG,
+):
+  """Block-sparse attention on Hopper with the semantics of ``dense_attention``.
+
+  Differentiable in q, k, v (and through ``lse`` when ``return_lse``). Static
+  offsets and no segment ids use cached host metadata; traced offsets or
+  segment ids build the block lists on device.
+  """
+  st, plan, padded = _prepare(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_offset=kv_offset,
+      scale=scale, softcap=softcap, config=config)
+  T = q_BxTxNxH.shape[1]
+  out, lse = _attention_fn(st)(*padded, plan)
   out, lse = out[:, :T], lse[..., :T]
   return (out, lse) if return_lse else out
+
+
+def mosaic_attention_backward(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    pattern: Any,
+    out_BxTxNxH: jax.Array,
+    lse_BxNxT: jax.Array,
+    d_out_BxTxNxH: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float | None = None,
+    config: Config = DEFAULT_CONFIG,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(dq, dk, dv)`` from the backward kernels alone, given the rows' final
+  ``out``/``lse`` (see ``lcjax.attention.attend_backward``): no forward pass."""
+  st, plan, (q, k, v, q_seg, kv_seg, offsets) = _prepare(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_offset=kv_offset,
+      scale=scale, softcap=softcap, config=config)
+  T, S = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+  t_pad = q.shape[1]
+  lse = jnp.pad(lse_BxNxT.astype(jnp.float32), ((0, 0), (0, 0), (0, t_pad - T)),
+                constant_values=-jnp.inf)
+  dq, dk, dv = _backward(st, q, k, v, q_seg, kv_seg, offsets, plan,
+                         _pad_to(out_BxTxNxH, 1, t_pad), lse,
+                         _pad_to(d_out_BxTxNxH, 1, t_pad), None)
+  return dq[:, :T], dk[:, :S], dv[:, :S]

@@ -3,7 +3,7 @@
 ``attend`` is the one call; patterns say which (query, key) pairs are visible
 (see docs/attention.md for the vocabulary and the dispatch rules).
 """
-from lcjax.attention.api import attend, choose_implementation
+from lcjax.attention.api import attend, attend_backward, choose_implementation
 from lcjax.attention.patterns import (
     AShape, BlockMask, Causal, CausalShiftedGroups, DocumentAnchor, Full,
     Intersection, Pattern, PerHead, QueryRange, ShiftedGroups, Sink,
@@ -11,7 +11,7 @@ from lcjax.attention.patterns import (
     Union)
 
 __all__ = [
-    "attend", "choose_implementation", "Pattern", "Full", "Causal",
+    "attend", "attend_backward", "choose_implementation", "Pattern", "Full", "Causal",
     "SlidingWindow", "Sink", "SinkWindow", "AShape", "TriShape", "QueryRange",
     "StridedBlockSparse", "StridedBlocks", "ShiftedGroups",
     "CausalShiftedGroups", "DocumentAnchor", "BlockMask", "PerHead", "Union",

@@ -84,6 +84,86 @@ def attend(
   return _pallas(*args, **kwargs, return_lse=return_lse, block_sizes=block_sizes)
 
 
+BACKWARD_IMPLEMENTATIONS = ("auto", "reference", "pallas")
+
+
+def attend_backward(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    pattern: Pattern,
+    out_BxTxNxH: jax.Array,
+    lse_BxNxT: jax.Array,
+    d_out_BxTxNxH: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float | None = None,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(dq, dk, dv)`` of attention over these keys, from the rows' ``out`` and
+  ``lse`` and the cotangent ``d_out``, without a forward pass.
+
+  The FlashAttention backward (``reference.dense_attention_backward``). When
+  ``out``/``lse`` are the *final* result of rows whose attention also spans
+  other keys (ring attention merging per-shard results), this is exactly the
+  gradient share through these keys; ring attention uses it instead of
+  recomputing each pair's forward under ``jax.vjp``. Implementations:
+  "reference" (dense jnp), "pallas" (the backward kernels: Mosaic GPU on
+  Hopper, else the portable kernel), "auto" (the kernels on GPU where they run
+  the call, else the reference). Returns float32 for "reference", the input
+  dtype for "pallas".
+  """
+  _check_inputs(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, q_segment_ids,
+                kv_segment_ids, softcap)
+  if implementation not in BACKWARD_IMPLEMENTATIONS:
+    raise ValueError(f"attend_backward has no implementation {implementation!r}; "
+                     f"choose one of {BACKWARD_IMPLEMENTATIONS} (cuDNN and the "
+                     "chunked reference have no backward entry: use jax.vjp of "
+                     "attend)")
+  if out_BxTxNxH.shape != q_BxTxNxH.shape or d_out_BxTxNxH.shape != q_BxTxNxH.shape:
+    raise ValueError(f"out{out_BxTxNxH.shape} and d_out{d_out_BxTxNxH.shape} must "
+                     f"have q's shape {q_BxTxNxH.shape}")
+  B, T, N, _ = q_BxTxNxH.shape
+  if lse_BxNxT.shape != (B, N, T):
+    raise ValueError(f"lse{lse_BxNxT.shape} must be [batch, heads, q_len] = "
+                     f"{(B, N, T)}")
+  kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                q_offset=q_offset, kv_offset=kv_offset, scale=scale, softcap=softcap)
+  args = (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, out_BxTxNxH, lse_BxNxT,
+          d_out_BxTxNxH)
+  if implementation == "auto":
+    implementation = backward_implementation(q_BxTxNxH, k_BxSxKxH, pattern,
+                                             q_segment_ids is not None, softcap)
+  if implementation == "reference":
+    return reference.dense_attention_backward(
+        *args, q_segment_ids_BxT=q_segment_ids, kv_segment_ids_BxS=kv_segment_ids,
+        q_offset=q_offset, kv_offset=kv_offset, scale=scale, softcap=softcap)
+  has_seg = q_segment_ids is not None
+  if mosaic_reason(q_BxTxNxH, k_BxSxKxH, pattern, has_seg, softcap) is None:
+    return _mosaic_module().mosaic_attention_backward(*args, **kwargs)
+  from pallas_kernels import flash_attention as fa  # pylint: disable=import-outside-toplevel
+  reason = fa.supports(q_BxTxNxH.shape, k_BxSxKxH.shape, q_BxTxNxH.dtype, pattern,
+                       has_seg, softcap)
+  if reason:
+    raise ValueError(f"attend_backward(implementation='pallas') cannot run this "
+                     f"call: {reason}")
+  return fa.flash_attention_backward(*args, **kwargs)
+
+
+def backward_implementation(q, k, pattern, has_segments: bool, softcap) -> str:
+  """What ``attend_backward(implementation="auto")`` runs: our kernels on GPU
+  where they take the call, else the dense reference."""
+  if jax.default_backend() == "gpu":
+    from pallas_kernels import flash_attention as fa  # pylint: disable=import-outside-toplevel
+    if not fa.supports(q.shape, k.shape, q.dtype, pattern, has_segments, softcap):
+      return "pallas"
+  return "reference"
+
+
 def _cudnn_reason(q, k, v, pattern, *, q_segment_ids, kv_segment_ids, q_offset,
                   kv_offset, scale, softcap, return_lse):
   del v, kv_segment_ids, scale

@@ -47,6 +47,15 @@ def _softcapped_logits(q, k, scale, softcap, subscripts):
   return logits
 
 
+def _group_mask(pattern, T, S, N, K, q_offset, kv_offset, q_seg, kv_seg):
+  """Visibility broadcastable to ``[B, K, G, T, S]`` (query head = k * G + g)."""
+  vis = visibility(pattern, q_offset + jnp.arange(T), kv_offset + jnp.arange(S), N,
+                   q_seg, kv_seg)
+  if vis.shape[1] == N:
+    return vis.reshape(vis.shape[0], K, N // K, T, S)
+  return vis[:, :, None]
+
+
 def dense_attention(
     q_BxTxNxH: jax.Array,
     k_BxSxKxH: jax.Array,
@@ -70,14 +79,8 @@ def dense_attention(
   v = v_BxSxKxH.astype(jnp.float32)
   logits_BxKxGxTxS = _softcapped_logits(q, k, scale, softcap,
                                         "btkgh,bskh->bkgts")
-  q_pos = q_offset + jnp.arange(T)
-  k_pos = kv_offset + jnp.arange(S)
-  vis = visibility(pattern, q_pos, k_pos, N, q_segment_ids_BxT,
-                   kv_segment_ids_BxS)
-  if vis.shape[1] == N:
-    mask = vis.reshape(vis.shape[0], K, G, T, S)
-  else:
-    mask = vis[:, :, None]
+  mask = _group_mask(pattern, T, S, N, K, q_offset, kv_offset, q_segment_ids_BxT,
+                     kv_segment_ids_BxS)
   logits = jnp.where(mask, logits_BxKxGxTxS, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -90,6 +93,58 @@ def dense_attention(
                   jnp.log(safe_denom[..., 0]) + row_max[..., 0], -jnp.inf)
   out_BxTxNxH = out.reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
   return out_BxTxNxH, lse.reshape(B, N, T)
+
+
+def dense_attention_backward(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    pattern: Pattern,
+    out_BxTxNxH: jax.Array,
+    lse_BxNxT: jax.Array,
+    d_out_BxTxNxH: jax.Array,
+    *,
+    q_segment_ids_BxT: jax.Array | None = None,
+    kv_segment_ids_BxS: jax.Array | None = None,
+    q_offset: int | jax.Array = 0,
+    kv_offset: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The FlashAttention backward (Dao, 2023) from the rows' ``out`` and ``lse``:
+  ``p = exp(s - lse)``, ``dv = p^T do``, ``ds = p (do v^T - <do, out>)``.
+
+  With this call's own ``out``/``lse`` it is the gradient of
+  :func:`dense_attention`. With the final ``out``/``lse`` of rows whose
+  attention also spans other keys (ring attention's merged result) it is the
+  share of the gradient that flows through these keys -- no per-call weights
+  and no forward pass needed. Returns float32 ``(dq, dk, dv)``.
+  """
+  B, T, N, H = q_BxTxNxH.shape
+  _, S, K, _ = k_BxSxKxH.shape
+  G = N // K
+  scale = H ** -0.5 if scale is None else scale
+  f32 = lambda x: x.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  q, k, v = f32(q_BxTxNxH).reshape(B, T, K, G, H), f32(k_BxSxKxH), f32(v_BxSxKxH)
+  do = f32(d_out_BxTxNxH).reshape(B, T, K, G, H)
+  logits = _softcapped_logits(q, k, scale, softcap, "btkgh,bskh->bkgts")
+  mask = _group_mask(pattern, T, S, N, K, q_offset, kv_offset, q_segment_ids_BxT,
+                     kv_segment_ids_BxS)
+  lse = lse_BxNxT.reshape(B, K, G, T)[..., None]
+  seen = mask & jnp.isfinite(lse)
+  p = jnp.where(seen, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+  delta = jnp.einsum("btkgh,btkgh->bkgt", do, f32(out_BxTxNxH).reshape(B, T, K, G, H),
+                     precision=hi)[..., None]
+  dv = jnp.einsum("bkgts,btkgh->bskh", p, do, precision=hi)
+  dp = jnp.einsum("btkgh,bskh->bkgts", do, v, precision=hi)
+  ds = p * (dp - delta)
+  if softcap is not None:  # d(c tanh(x / c)) / dx = 1 - (s / c)^2
+    ds = ds * (1.0 - jnp.square(logits / softcap))
+  ds = ds * scale
+  dq = jnp.einsum("bkgts,bskh->btkgh", ds, k, precision=hi).reshape(B, T, N, H)
+  dk = jnp.einsum("bkgts,btkgh->bskh", ds, q, precision=hi)
+  return dq, dk, dv
 
 
 def chunked_attention(

@@ -2,6 +2,8 @@
 
     python -m lcjax.bench.context_parallel                    # all local GPUs
     python -m lcjax.bench.context_parallel --mode overhead    # one GPU: < 5%?
+    python -m lcjax.bench.context_parallel --mode check       # all GPUs: errors
+                                                              # vs one GPU
     python -m lcjax.bench.context_parallel --quick            # CPU smoke run
                                                               # (4 CPU devices)
 
@@ -111,7 +113,9 @@ def scaling(args, emit: Callable[[dict], None]) -> None:
   devices = jax.devices()
   counts = [n for n in (1, 2, 4, 8, 16, 32) if n <= len(devices)]
   for name, pattern in patterns(args.quick).items():
-    for regime in ("weak", "strong"):
+    if args.patterns and name not in args.patterns:
+      continue
+    for regime in args.regimes:
       base_len = args.tokens_per_device if regime == "weak" else args.seq_len
       one = _single_gpu(args, pattern, base_len, rng, dtype)
       flops1 = 3.5 * 4.0 * visible(pattern, base_len, args.heads) * args.head_dim * (
@@ -188,6 +192,56 @@ def overhead(args, emit: Callable[[dict], None]) -> None:
           emit(rec)
 
 
+def check(args, emit: Callable[[dict], None]) -> None:
+  """All devices: context-parallel fwd+bwd against one-device ``attend``, both
+  measured by their relative error to the float32 dense reference."""
+  dtype = jnp.dtype(args.dtype)
+  n = len(jax.devices())
+  length = args.check_tokens_per_device * n
+  rng = np.random.default_rng(args.seed)
+  q, k, v, ct = _inputs(rng, args.batch, length, args.heads, args.kv_heads,
+                        args.head_dim, dtype)
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def outputs_and_grads(attention, q, k, v, ct):
+    def loss(q, k, v):
+      out = attention(q, k, v)
+      return jnp.vdot(f32(out), f32(ct)), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        q, k, v)
+    return [f32(x) for x in (out, *grads)]
+
+  mesh = make_mesh(MeshConfig(data=1, sequence=n))
+  for name, pattern in patterns(args.quick).items():
+    if args.patterns and name not in args.patterns:
+      continue
+    truth = jax.jit(lambda q, k, v, ct: outputs_and_grads(
+        lambda q, k, v: attend(q, k, v, pattern, implementation="reference"),
+        q, k, v, ct))(f32(q), f32(k), f32(v), ct)
+    single = jax.jit(lambda q, k, v, ct: outputs_and_grads(
+        lambda q, k, v: attend(q, k, v, pattern), q, k, v, ct))(q, k, v, ct)
+    for strategy, cp in STRATEGIES.items():
+      if (args.strategies and strategy not in args.strategies) or (
+          cp.strategy == "hybrid" and n < 4):
+        continue
+      with jax.set_mesh(mesh):
+        layout = context.active_layout(cp, length)
+        sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+        put = lambda x: jax.device_put(layout.permute(np.asarray(x), axis=1),
+                                       sharding)
+        ours = jax.jit(lambda q, k, v, ct: outputs_and_grads(
+            lambda q, k, v: context.context_attention(q, k, v, pattern, config=cp),
+            q, k, v, ct))(put(q), put(k), put(v), put(ct))
+        ours = [layout.unpermute(np.asarray(x), axis=1) for x in ours]
+      rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b))
+                               / np.linalg.norm(np.asarray(b)))
+      rec = dict(pattern=name, strategy=strategy, devices=n, seq_len=length)
+      for key, a, one, want in zip(("out", "dq", "dk", "dv"), ours, single, truth):
+        rec[f"{key}_rel_err"], rec[f"{key}_rel_err_one_device"] = rel(a, want), rel(
+            one, want)
+      emit(rec)
+
+
 def _program(jitted, *args) -> str:
   """The lowered program without its module name line."""
   return "\n".join(jitted.lower(*args).as_text().splitlines()[1:])
@@ -200,10 +254,13 @@ def _print(rec: dict) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--mode", choices=("scaling", "overhead"), default="scaling")
+  parser.add_argument("--mode", choices=("scaling", "overhead", "check"),
+                      default="scaling")
   parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
   parser.add_argument("--tokens_per_device", type=int, default=8192)
   parser.add_argument("--seq_len", type=int, default=65536)
+  parser.add_argument("--check_tokens_per_device", type=int, default=1024,
+                      help="--mode check: tokens per device")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--heads", type=int, default=32)
   parser.add_argument("--kv_heads", type=int, default=8)
@@ -213,6 +270,10 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--strategies", nargs="*", default=None,
                       help=f"subset of {list(STRATEGIES)}")
+  parser.add_argument("--patterns", nargs="*", default=None,
+                      help="subset of the pattern names (default all)")
+  parser.add_argument("--regimes", nargs="*", default=["weak", "strong"],
+                      choices=["weak", "strong"])
   parser.add_argument("--out", default="", help="write the records as JSON here")
   args = parser.parse_args(argv)
   if args.quick:
@@ -220,7 +281,7 @@ def main(argv=None) -> None:
       jax.config.update("jax_num_cpu_devices", 4)
     except RuntimeError:
       pass  # keep the devices there are
-    args.tokens_per_device, args.seq_len = 64, 128
+    args.tokens_per_device, args.seq_len, args.check_tokens_per_device = 64, 128, 32
     args.heads, args.kv_heads, args.head_dim = 4, 2, 16
     args.dtype, args.repeats = "float32", 1
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}",
@@ -238,7 +299,7 @@ def main(argv=None) -> None:
                    "device_count": jax.device_count(), "records": records}, f,
                   indent=1)
 
-  (scaling if args.mode == "scaling" else overhead)(args, emit)
+  {"scaling": scaling, "overhead": overhead, "check": check}[args.mode](args, emit)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@
 self-attention (same pattern, segment ids, softcap) on rows in the layout
 order of :func:`active_layout`. When the current mesh has a ``sequence`` axis
 of size 1 (or none, or ``strategy="none"``) it *is* ``attend``: a direct call,
-no ``shard_map``, no copies. Otherwise it runs a ``shard_map`` that is manual
-over ``sequence`` only (batch and heads stay automatically sharded, so head
-indices stay global) and dispatches per layer:
+no ``shard_map``, no copies. Otherwise it runs a ``shard_map`` over the
+``sequence`` axis (see :func:`manual_specs` for the other mesh axes) and
+dispatches per layer:
 
 * ``ring``: ring attention on the layer's exchange plan;
 * sparse layers (``sparse_exchange`` and ``plan.is_sparse``: even the busiest
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 from typing import Any
 
 import jax
@@ -34,6 +36,7 @@ from lcjax.parallel.layout import LOAD_BALANCE, SequenceLayout, shard_view
 from lcjax.parallel.plan import build_plan
 from lcjax.parallel.ring import ring_attention
 from lcjax.parallel.ulysses import hybrid_attention, ulysses_attention
+from lcjax.sharding import LOGICAL_RULES
 
 AXIS = "sequence"
 STRATEGIES = ("none", "ring", "allgather", "ulysses", "hybrid")
@@ -91,6 +94,25 @@ def model_cp_config(cfg: ModelConfig) -> ContextParallelConfig:
   if cfg.rope.dca_chunk_size and cp.load_balance != "none":
     return dataclasses.replace(cp, load_balance="none")
   return cp
+
+
+def avoid_shardy_crash(mesh) -> str | None:
+  """Switches jit partitioning from Shardy to GSPMD for GPU meshes whose
+  ``sequence`` axis has size > 1, unless ``JAX_USE_SHARDY_PARTITIONER`` is set.
+
+  jax 0.11.2's Shardy pass segfaults compiling the model's context-parallel
+  train step on GPUs (4x H100, issue 8: ring, all-gather, unrolled layers, with
+  and without remat); with GSPMD the same step compiles and matches the
+  data-parallel loss. Returns what it did, for the log, or None.
+  """
+  if (dict(mesh.shape).get(AXIS, 1) == 1 or jax.default_backend() != "gpu"
+      or "JAX_USE_SHARDY_PARTITIONER" in os.environ
+      or not jax.config.jax_use_shardy_partitioner):
+    return None
+  jax.config.update("jax_use_shardy_partitioner", False)
+  return ("context parallelism on GPU: partitioning with GSPMD instead of Shardy "
+          "(jax 0.11.2's Shardy pass crashes on this program; set "
+          "JAX_USE_SHARDY_PARTITIONER=1 to keep it)")
 
 
 def model_layout(cfg: ModelConfig, seq_len: int) -> SequenceLayout | None:
@@ -165,11 +187,50 @@ def context_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array,
   how = route(config, pattern, layout, N, shape)
   fn = functools.partial(_local_attention, how=how, layout=layout, cp=config,
                          args=args)
-  spec = PartitionSpec(None, AXIS)
+  split_degree = {"ulysses": layout.num_shards, "hybrid": config.ulysses_degree}
+  manual, spec_BxTxNxH, spec_BxT = manual_specs(
+      jax.sharding.get_abstract_mesh(), pattern, B, N, k_BxTxKxH.shape[2],
+      split_degree.get(how, 1))
   operands: tuple[Any, ...] = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+  specs = (spec_BxTxNxH,) * 3
   if segment_ids is not None:
     operands += (segment_ids,)
+    specs += (spec_BxT,)
   else:
     fn = functools.partial(lambda f, q, k, v: f(q, k, v, None), fn)
-  return jax.shard_map(fn, in_specs=(spec,) * len(operands), out_specs=spec,
-                       axis_names={AXIS}, check_vma=False)(*operands)
+  return jax.shard_map(fn, in_specs=specs, out_specs=spec_BxTxNxH,
+                       axis_names=manual, check_vma=False)(*operands)
+
+
+def manual_specs(mesh, pattern: Pattern, batch: int, num_heads: int,
+                 num_kv_heads: int, head_split: int = 1
+                 ) -> tuple[set[str], PartitionSpec, PartitionSpec]:
+  """The mesh axes the context-parallel ``shard_map`` is manual over, and the
+  specs of ``[B, T, N, H]`` and ``[B, T]`` operands.
+
+  Manual over ``sequence``, every axis of size 1, the batch axes of
+  :data:`LOGICAL_RULES` (when they divide the batch) and the heads axis (when
+  it divides both head counts, leaves a multiple of ``head_split`` query
+  heads per device -- Ulysses splits them further -- and the pattern does not
+  depend on the global head index). Axes that fail these stay automatic. Fully manual matters on GPUs: XLA's Shardy pass
+  (jax 0.11.2) segfaults on partially manual ``shard_map`` bodies that hold
+  cuDNN attention (Ulysses) or ``ppermute`` inside a ``while`` loop (the
+  model's scanned layers); found in issue 8.
+  """
+  rules = dict(LOGICAL_RULES)
+  sizes = dict(mesh.shape)
+  manual = {a for a, n in sizes.items() if n == 1} | {AXIS}
+  batch_axes = tuple(a for a in rules["batch"] if sizes.get(a, 1) > 1)
+  if batch % math.prod(sizes[a] for a in batch_axes):
+    batch_axes = ()
+  manual |= set(batch_axes)
+  head_axes = tuple(a for a in rules["heads"] if sizes.get(a, 1) > 1)
+  width = math.prod(sizes[a] for a in head_axes)
+  if (pattern.head_dependent or num_heads % (width * head_split)
+      or num_kv_heads % width):
+    head_axes = ()
+  manual |= set(head_axes)
+  batch_spec = (batch_axes[0] if len(batch_axes) == 1 else batch_axes) or None
+  head_spec = (head_axes[0] if len(head_axes) == 1 else head_axes) or None
+  return (manual, PartitionSpec(batch_spec, AXIS, head_spec),
+          PartitionSpec(batch_spec, AXIS))

@@ -6,7 +6,8 @@
 * :func:`merge`: combines partial results by log-sum-exp in float32.
 * :func:`pair_grads`: the exact gradient of one pair's contribution to the
   *merged* output, given the final output and log-sum-exp (the FlashAttention
-  backward with global statistics, expressed through ``jax.vjp`` of ``attend``).
+  backward with global statistics: ``attend_backward``, no forward pass; or
+  ``jax.vjp`` of ``attend`` for implementations without a backward entry).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcjax.attention import attend
+from lcjax.attention import attend, attend_backward, choose_implementation
 from lcjax.attention import patterns as P
 from lcjax.parallel.plan import FULL, PARTIAL, SKIP
 
@@ -42,6 +43,24 @@ class AttendArgs:
                   q_offset=q_offset, kv_offset=kv_offset, scale=self.scale,
                   softcap=self.softcap, return_lse=True,
                   implementation=self.implementation)
+
+  def backward(self, kind: int, q, k, v, q_seg, kv_seg, q_offset, kv_offset,
+               out, lse, d_out):
+    """``attend_backward`` with the rows' final ``out``/``lse``, or None if the
+    forward's implementation has no backward entry (chunked, cuDNN)."""
+    pattern = self.full_pattern if kind == FULL else self.pattern
+    impl = self.implementation
+    if impl == "auto":
+      impl = choose_implementation(q, k, v, pattern, q_segment_ids=q_seg,
+                                   kv_segment_ids=kv_seg, q_offset=q_offset,
+                                   kv_offset=kv_offset, softcap=self.softcap,
+                                   return_lse=True)
+    if impl not in ("reference", "pallas"):
+      return None
+    return attend_backward(q, k, v, pattern, out, lse, d_out, q_segment_ids=q_seg,
+                           kv_segment_ids=kv_seg, q_offset=q_offset,
+                           kv_offset=kv_offset, scale=self.scale,
+                           softcap=self.softcap, implementation=impl)
 
 
 def _switch(kinds: np.ndarray, index, branches: dict[int, Any], *operands):
@@ -95,13 +114,15 @@ def empty_acc(q):
 
 
 def pair_grads(args: AttendArgs, kinds: np.ndarray, index, q, k, v, q_seg,
-               kv_seg, q_offset, kv_offset, do_f32, lse_BxNxT, delta_BxNxT):
+               kv_seg, q_offset, kv_offset, out, do_f32, lse_BxNxT, delta_BxNxT):
   """``(dq, dk, dv)`` in float32 of one pair's share of the merged output.
 
-  With the pair's own ``(o_p, lse_p)`` and weight ``w = exp(lse_p - lse)`` the
-  merged output is ``sum_p w_p o_p``, so the pair receives ``d o_p = w d o`` and
-  ``d lse_p = w (<d o, o_p> - <d o, o>)``; inside ``attend``'s backward this is
-  the FlashAttention backward with the global ``lse`` and ``D = <d o, o>``.
+  The FlashAttention backward with the merged ``out``/``lse`` of the query rows
+  is exactly this share (``attend_backward``; no forward pass). Without a
+  backward entry it is derived from the pair's own forward: with ``(o_p,
+  lse_p)`` and weight ``w = exp(lse_p - lse)`` the merged output is ``sum_p
+  w_p o_p``, so the pair receives ``d o_p = w d o`` and ``d lse_p = w (<d o,
+  o_p> - <d o, o>)`` through ``jax.vjp`` of ``attend``.
   """
   def skip(q, k, v, *_):
     return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
@@ -109,6 +130,10 @@ def pair_grads(args: AttendArgs, kinds: np.ndarray, index, q, k, v, q_seg,
 
   def run(kind):
     def grads(q, k, v, qs, ks, qo, ko):
+      direct = args.backward(kind, q, k, v, qs, ks, qo, ko, out,
+                             lse_BxNxT, do_f32)
+      if direct is not None:
+        return tuple(g.astype(jnp.float32) for g in direct)
       (o_p, lse_p), vjp = jax.vjp(
           lambda q, k, v: args.call(kind, q, k, v, qs, ks, qo, ko), q, k, v)
       w = _weights(lse_p, lse_BxNxT)

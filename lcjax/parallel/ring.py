@@ -13,9 +13,11 @@ the last hop; direct (sparse) steps send them straight back.
 
 Which steps exist, which device pairs exchange, and which (query run, key run)
 pairs are skipped, computed without a mask (FULL) or with the pattern
-(PARTIAL) comes from :mod:`lcjax.parallel.plan`. Chained steps run in a
-``lax.scan`` (one compiled body whatever the ring size) with the last step
-peeled off, so exactly ``R - 1`` K/V hops are sent.
+(PARTIAL) comes from :mod:`lcjax.parallel.plan`. Chained steps run in an
+unrolled ``lax.scan`` with the last step peeled off, so exactly ``R - 1`` K/V
+hops are sent. Unrolled because XLA's GPU compiler (jax 0.11.2) segfaults in
+its Shardy pass on a ``while`` loop that carries ``ppermute`` and attention
+kernels inside ``shard_map`` (4 GPUs; docs/context_parallel.md).
 """
 from __future__ import annotations
 
@@ -133,7 +135,7 @@ def _grad_step(args, me: _Local, kinds, index, kv_starts, buf, dq, dout):
   kv, kv_seg = buf
   k, v, kv_seg = _stack_runs(kv[0], me.m), _stack_runs(kv[1], me.m), _stack_runs(
       kv_seg, me.m)
-  do, lse, delta = dout
+  do, lse, delta, out = dout
   dq = list(dq)
   dkv = [jnp.zeros((2,) + k.shape[:1] + k.shape[2:], jnp.float32)
          for _ in range(me.m)]
@@ -141,8 +143,8 @@ def _grad_step(args, me: _Local, kinds, index, kv_starts, buf, dq, dout):
     a, b = _pick(a_table, index), _pick(b_table, index)
     dq_p, dk_p, dv_p = local.pair_grads(
         args, kind_table, index, _run(me.q, a), _run(k, b), _run(v, b),
-        _run(me.seg, a), _run(kv_seg, b), me.starts[a], kv_starts[b], _run(do, a),
-        _run(lse, a, axis=2), _run(delta, a, axis=2))
+        _run(me.seg, a), _run(kv_seg, b), me.starts[a], kv_starts[b], _run(out, a),
+        _run(do, a), _run(lse, a, axis=2), _run(delta, a, axis=2))
     dq = _add_to_run(dq, a_table, a, dq_p, jnp.add)
     dkv = _add_to_run(dkv, b_table, b, jnp.stack([dk_p, dv_p]), jnp.add)
   return dq, local.concat_runs(dkv, axis=2)
@@ -192,7 +194,8 @@ def _forward(plan: Plan, args: local.AttendArgs, axis: str, q, k, v, seg):
       return (nxt, acc), None
 
     last = len(chained) - 1  # peeled: nothing is left to send after it
-    (buf, acc), _ = jax.lax.scan(body, (pending, acc), jnp.arange(last))
+    (buf, acc), _ = jax.lax.scan(body, (pending, acc), jnp.arange(last),
+                                 unroll=True)
     acc = _attend_step(args, me, kinds[last], me.g, starts[last, me.g], buf, acc)
   if plan.sink is not None:
     kv_sink, seg_sink = _sink_buffer(plan, axis, me.r, own[0], seg)
@@ -214,7 +217,7 @@ def _backward(plan: Plan, args: local.AttendArgs, axis: str, res, do):
   do_f32 = do.astype(jnp.float32)
   delta = jnp.sum(do_f32 * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
   dout = (_stack_runs(do_f32, me.m), _stack_runs(lse, me.m, axis=2),
-          _stack_runs(delta, me.m, axis=2))
+          _stack_runs(delta, me.m, axis=2), _stack_runs(out, me.m))
   own = (jnp.stack([k, v]), seg)
   receives = [lambda s=s: _ppermute(own, axis, s.perm) for s in direct]
   if chained:
@@ -245,7 +248,7 @@ def _backward(plan: Plan, args: local.AttendArgs, axis: str, res, do):
     last = len(chained) - 1
     travel = jnp.zeros(dkv_home.shape, jnp.float32)
     (buf, travel, dq), _ = jax.lax.scan(body, (pending, travel, dq),
-                                        jnp.arange(last))
+                                        jnp.arange(last), unroll=True)
     dq, dkv = _grad_step(args, me, kinds[last], me.g, starts[last, me.g], buf, dq,
                          dout)
     dkv_home = dkv_home + jax.lax.ppermute(travel + dkv, axis, _cycle(plan))
@@ -258,8 +261,8 @@ def _backward(plan: Plan, args: local.AttendArgs, axis: str, res, do):
       if (kinds != 0).any():
         dq_p, dk_p, dv_p = local.pair_grads(
             args, kinds, me.g, _run(me.q, a), kv_sink[0], kv_sink[1],
-            _run(me.seg, a), seg_sink, me.starts[a], 0, _run(dout[0], a),
-            _run(dout[1], a, axis=2), _run(dout[2], a, axis=2))
+            _run(me.seg, a), seg_sink, me.starts[a], 0, _run(dout[3], a),
+            _run(dout[0], a), _run(dout[1], a, axis=2), _run(dout[2], a, axis=2))
         dq[a] = dq[a] + dq_p
         dsink = dsink + jnp.stack([dk_p, dv_p])
     dsink = jax.lax.psum(dsink, axis) * (me.r == sink.holder).astype(jnp.float32)

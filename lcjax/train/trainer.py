@@ -23,6 +23,7 @@ from lcjax.data.pipeline import make_source
 from lcjax.data.tokenizer import ByteTokenizer
 from lcjax.eval.retrieval import retrieval_accuracy
 from lcjax.model import Decoder, lora, param_count
+from lcjax.parallel import context
 from lcjax.sharding import make_mesh, maybe_initialize_distributed, put_global_batch
 from lcjax.train import step as step_lib
 from lcjax.train.checkpoint import Checkpointer, restore_params
@@ -117,6 +118,9 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   writer.print(f"experiment {cfg.name}\n{config_lib.to_text(cfg)}\n"
                f"mesh {dict(mesh.shape)} on {jax.device_count()} "
                f"{jax.devices()[0].device_kind} device(s)")
+  partitioner_note = context.avoid_shardy_crash(mesh)
+  if partitioner_note:
+    writer.print(partitioner_note)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

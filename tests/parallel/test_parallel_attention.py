@@ -59,7 +59,7 @@ def _reference(pattern, q, k, v, ct, seg):
   return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-def _sharded(mesh, cp, pattern, q, k, v, ct, seg):
+def _sharded(mesh, cp, pattern, q, k, v, ct, seg, implementation="auto"):
   """Output and gradients of ``context_attention``, back in natural order."""
   T = q.shape[1]
   with jax.set_mesh(mesh):
@@ -74,7 +74,8 @@ def _sharded(mesh, cp, pattern, q, k, v, ct, seg):
     @jax.jit
     def run(q, k, v, ct, seg):
       def loss(q, k, v):
-        out = context.context_attention(q, k, v, pattern, segment_ids=seg, config=cp)
+        out = context.context_attention(q, k, v, pattern, segment_ids=seg, config=cp,
+                                        implementation=implementation)
         return jnp.sum(out * ct), out
       return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
@@ -83,10 +84,10 @@ def _sharded(mesh, cp, pattern, q, k, v, ct, seg):
             [layout.unpermute(np.asarray(g), 1) for g in grads])
 
 
-def _check(mesh, cp, pattern, seed=0, **shape):
+def _check(mesh, cp, pattern, seed=0, implementation="auto", **shape):
   q, k, v, ct, seg = _inputs(seed, **shape)
   out_ref, grads_ref = _reference(pattern, q, k, v, ct, seg)
-  out, grads = _sharded(mesh, cp, pattern, q, k, v, ct, seg)
+  out, grads = _sharded(mesh, cp, pattern, q, k, v, ct, seg, implementation)
   assert np.abs(out_ref).max() > 0.1 and np.abs(grads_ref[1]).max() > 0.1
   np.testing.assert_allclose(out, out_ref, rtol=2e-5, atol=2e-5)
   for name, g, g_ref in zip("qkv", grads, grads_ref):
@@ -136,6 +137,16 @@ def test_eight_device_ring_and_anchor():
          seed=5, T=64, packed=True)
 
 
+@pytest.mark.parametrize("implementation", ["pallas", "chunked"])
+def test_ring_backward_entry_and_vjp_fallback(implementation):
+  """The ring's pair gradients through the kernels' backward entry (portable
+  kernel, interpret mode; traced per-device offsets) and, for "chunked", which
+  has none, through jax.vjp of the pair's forward."""
+  _check(_mesh(), ContextParallelConfig("ring", sparse_exchange=False),
+         PATTERNS["causal"], seed=17, implementation=implementation, T=48,
+         packed=True)
+
+
 def test_head_dependent_pattern_with_heads_sharded_over_tensor():
   """Strided heads (head-dependent) with tensor=2: Ulysses falls back to the ring,
   whose shard_map keeps heads global."""
@@ -145,6 +156,50 @@ def test_head_dependent_pattern_with_heads_sharded_over_tensor():
     layout = context.active_layout(cp, 32)
     assert context.route(cp, pattern, layout, 4) == "ring"
   _check(_mesh(sequence=4, tensor=2), cp, pattern, seed=11, packed=True)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_heads_manual_over_tensor(strategy):
+  """tensor=2 with a head-independent pattern: the ring's shard_map is manual
+  over heads too (each device sees 4 of 8 query heads and 1 of 2 K/V heads);
+  Ulysses (4 devices) keeps them automatic, as 4 local heads cannot be split
+  over 4 sequence devices *and* 2 tensor devices. Both exact with GQA."""
+  cp = ContextParallelConfig(strategy, sparse_exchange=False)
+  mesh = _mesh(sequence=4, tensor=2)
+  manual, spec, _ = context.manual_specs(mesh, PATTERNS["causal"], 2, 8, 2)
+  assert manual == {"data", "fsdp", "sequence", "tensor"}
+  assert spec == PartitionSpec(None, "sequence", "tensor")
+  manual, _, _ = context.manual_specs(mesh, PATTERNS["causal"], 2, 4, 2, 4)
+  assert "tensor" not in manual
+  _check(mesh, cp, PATTERNS["sink_window"], seed=13, N=8, packed=True)
+
+
+def test_manual_specs_choose_axes():
+  """Batch axes go manual when they divide the batch, heads when the pattern
+  is head-independent and the axis divides both head counts; else automatic."""
+  mesh = _mesh(data=2, sequence=2, tensor=2)
+  manual, spec, seg_spec = context.manual_specs(mesh, PATTERNS["causal"], 4, 4, 2)
+  assert manual == {"data", "fsdp", "sequence", "tensor"}
+  assert (spec, seg_spec) == (PartitionSpec("data", "sequence", "tensor"),
+                              PartitionSpec("data", "sequence"))
+  manual, spec, _ = context.manual_specs(mesh, PATTERNS["strided"], 3, 4, 2)
+  assert manual == {"fsdp", "sequence"}  # odd batch; head-dependent pattern
+  assert spec == PartitionSpec(None, "sequence", None)
+  manual, _, _ = context.manual_specs(mesh, PATTERNS["causal"], 4, 4, 1)
+  assert "tensor" not in manual  # 1 K/V head cannot be split in two
+
+
+def test_ring_program_has_no_while_loop():
+  """The chained ring is unrolled: XLA's GPU compiler (jax 0.11.2) segfaults on
+  a while loop carrying ppermute and attention inside shard_map (issue 8)."""
+  q, k, v, _, _ = _inputs(1)
+  mesh = _mesh()
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, "sequence")))
+    fn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(context.context_attention(
+        q, k, v, PATTERNS["causal"], config=STRATEGIES["ring"])), argnums=(0, 1, 2)))
+    text = fn.lower(put(q), put(k), put(v)).as_text()
+  assert "collective_permute" in text and "stablehlo.while" not in text
 
 
 @pytest.mark.parametrize("pattern", [
@@ -200,3 +255,22 @@ def test_bad_configurations_name_the_problem():
   with jax.set_mesh(mesh), pytest.raises(ValueError, match="num_heads=6 is not divis"):
     jax.jit(lambda q, k, v: context.context_attention(
         q, k, v, P.Causal(), config=ContextParallelConfig("ulysses")))(q, k, v)
+
+
+def test_avoid_shardy_crash_only_for_gpu_sequence_meshes(monkeypatch):
+  """GSPMD instead of Shardy on GPU meshes with a sequence axis (issue 8's
+  workaround), never on CPU, with sequence=1, or when the user chose."""
+  monkeypatch.delenv("JAX_USE_SHARDY_PARTITIONER", raising=False)
+  before = jax.config.jax_use_shardy_partitioner
+  try:
+    jax.config.update("jax_use_shardy_partitioner", True)
+    assert context.avoid_shardy_crash(_mesh()) is None  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert context.avoid_shardy_crash(_mesh(sequence=1)) is None
+    monkeypatch.setenv("JAX_USE_SHARDY_PARTITIONER", "1")
+    assert context.avoid_shardy_crash(_mesh()) is None
+    monkeypatch.delenv("JAX_USE_SHARDY_PARTITIONER")
+    assert "GSPMD" in context.avoid_shardy_crash(_mesh())
+    assert not jax.config.jax_use_shardy_partitioner
+  finally:
+    jax.config.update("jax_use_shardy_partitioner", before)

@@ -20,3 +20,17 @@ def test_scaling_and_overhead_modes_write_records(tmp_path):
   overhead = json.load(open(out))["records"]
   same = [r for r in overhead if r["impl"] == "context_attention (sequence=1)"]
   assert same and all(r["same_program_as_attend"] for r in same)
+
+
+def test_check_mode_errors_match_one_device(tmp_path):
+  """--mode check: context-parallel fwd+bwd against the float32 reference, as
+  close as one-device attend is (float32 here, so both tiny)."""
+  out = tmp_path / "check.json"
+  context_parallel.main(["--quick", "--mode", "check", "--strategies", "ring/zigzag",
+                         "allgather/zigzag", "--out", str(out)])
+  records = json.load(open(out))["records"]
+  assert {r["strategy"] for r in records} == {"ring/zigzag", "allgather/zigzag"}
+  assert len(records) == 4  # two patterns
+  for r in records:
+    for key in ("out", "dq", "dk", "dv"):
+      assert r[f"{key}_rel_err"] < 1e-4 and r[f"{key}_rel_err_one_device"] < 1e-4, r
