@@ -135,9 +135,10 @@ def attend_backward(
                 q_offset=q_offset, kv_offset=kv_offset, scale=scale, softcap=softcap)
   args = (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern, out_BxTxNxH, lse_BxNxT,
           d_out_BxTxNxH)
-  if implementation == "auto":
-    implementation = backward_implementation(q_BxTxNxH, k_BxSxKxH, pattern,
-                                             q_segment_ids is not None, softcap)
+  if implementation == "auto":  # the kernels where attend(return_lse=True) runs them
+    forward = choose_implementation(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pattern,
+                                    **kwargs, return_lse=True)
+    implementation = "pallas" if forward == "pallas" else "reference"
   if implementation == "reference":
     return reference.dense_attention_backward(
         *args, q_segment_ids_BxT=q_segment_ids, kv_segment_ids_BxS=kv_segment_ids,
@@ -152,16 +153,6 @@ def attend_backward(
     raise ValueError(f"attend_backward(implementation='pallas') cannot run this "
                      f"call: {reason}")
   return fa.flash_attention_backward(*args, **kwargs)
-
-
-def backward_implementation(q, k, pattern, has_segments: bool, softcap) -> str:
-  """What ``attend_backward(implementation="auto")`` runs: our kernels on GPU
-  where they take the call, else the dense reference."""
-  if jax.default_backend() == "gpu":
-    from pallas_kernels import flash_attention as fa  # pylint: disable=import-outside-toplevel
-    if not fa.supports(q.shape, k.shape, q.dtype, pattern, has_segments, softcap):
-      return "pallas"
-  return "reference"
 
 
 def _cudnn_reason(q, k, v, pattern, *, q_segment_ids, kv_segment_ids, q_offset,

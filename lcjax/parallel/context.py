@@ -36,7 +36,7 @@ from lcjax.parallel.layout import LOAD_BALANCE, SequenceLayout, shard_view
 from lcjax.parallel.plan import build_plan
 from lcjax.parallel.ring import ring_attention
 from lcjax.parallel.ulysses import hybrid_attention, ulysses_attention
-from lcjax.sharding import LOGICAL_RULES
+from lcjax.sharding import logical_to_spec
 
 AXIS = "sequence"
 STRATEGIES = ("none", "ring", "allgather", "ulysses", "hybrid")
@@ -189,8 +189,8 @@ def context_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array,
                          args=args)
   split_degree = {"ulysses": layout.num_shards, "hybrid": config.ulysses_degree}
   manual, spec_BxTxNxH, spec_BxT = manual_specs(
-      jax.sharding.get_abstract_mesh(), pattern, B, N, k_BxTxKxH.shape[2],
-      split_degree.get(how, 1))
+      jax.sharding.get_abstract_mesh(), pattern, q_BxTxNxH.shape,
+      k_BxTxKxH.shape[2], split_degree.get(how, 1))
   operands: tuple[Any, ...] = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
   specs = (spec_BxTxNxH,) * 3
   if segment_ids is not None:
@@ -202,35 +202,33 @@ def context_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array,
                        axis_names=manual, check_vma=False)(*operands)
 
 
-def manual_specs(mesh, pattern: Pattern, batch: int, num_heads: int,
+def manual_specs(mesh, pattern: Pattern, q_shape: tuple[int, ...],
                  num_kv_heads: int, head_split: int = 1
                  ) -> tuple[set[str], PartitionSpec, PartitionSpec]:
   """The mesh axes the context-parallel ``shard_map`` is manual over, and the
   specs of ``[B, T, N, H]`` and ``[B, T]`` operands.
 
-  Manual over ``sequence``, every axis of size 1, the batch axes of
-  :data:`LOGICAL_RULES` (when they divide the batch) and the heads axis (when
-  it divides both head counts, leaves a multiple of ``head_split`` query
-  heads per device -- Ulysses splits them further -- and the pattern does not
-  depend on the global head index). Axes that fail these stay automatic. Fully manual matters on GPUs: XLA's Shardy pass
-  (jax 0.11.2) segfaults on partially manual ``shard_map`` bodies that hold
-  cuDNN attention (Ulysses) or ``ppermute`` inside a ``while`` loop (the
-  model's scanned layers); found in issue 8.
+  The specs are the activations' own (``logical_to_spec`` of batch, sequence,
+  heads), so entering the ``shard_map`` moves no data; the heads axis is
+  dropped when it does not divide the K/V heads, leaves no multiple of
+  ``head_split`` query heads per device (Ulysses splits them further) or the
+  pattern depends on the global head index. Manual: ``sequence``, every axis
+  of size 1 and the axes in the specs; only a dropped heads axis stays
+  automatic. Fully manual matters on GPUs: XLA's Shardy pass (jax 0.11.2)
+  segfaults on Ulysses' cuDNN attention inside a ``shard_map`` manual over
+  ``sequence`` only (issue 8; docs/context_parallel.md).
   """
-  rules = dict(LOGICAL_RULES)
+  batch_spec, _, head_spec, _ = logical_to_spec(
+      ("batch", "sequence", "heads", None), q_shape, mesh)
   sizes = dict(mesh.shape)
-  manual = {a for a, n in sizes.items() if n == 1} | {AXIS}
-  batch_axes = tuple(a for a in rules["batch"] if sizes.get(a, 1) > 1)
-  if batch % math.prod(sizes[a] for a in batch_axes):
-    batch_axes = ()
-  manual |= set(batch_axes)
-  head_axes = tuple(a for a in rules["heads"] if sizes.get(a, 1) > 1)
+  head_axes = () if head_spec is None else (
+      (head_spec,) if isinstance(head_spec, str) else head_spec)
   width = math.prod(sizes[a] for a in head_axes)
-  if (pattern.head_dependent or num_heads % (width * head_split)
+  if (pattern.head_dependent or q_shape[2] % (width * head_split)
       or num_kv_heads % width):
-    head_axes = ()
-  manual |= set(head_axes)
-  batch_spec = (batch_axes[0] if len(batch_axes) == 1 else batch_axes) or None
-  head_spec = (head_axes[0] if len(head_axes) == 1 else head_axes) or None
+    head_spec = None
+  manual = {a for a, n in sizes.items() if n == 1} | {AXIS}
+  for spec in (batch_spec, head_spec):
+    manual |= {spec} if isinstance(spec, str) else set(spec or ())
   return (manual, PartitionSpec(batch_spec, AXIS, head_spec),
           PartitionSpec(batch_spec, AXIS))

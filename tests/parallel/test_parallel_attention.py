@@ -166,10 +166,10 @@ def test_heads_manual_over_tensor(strategy):
   over 4 sequence devices *and* 2 tensor devices. Both exact with GQA."""
   cp = ContextParallelConfig(strategy, sparse_exchange=False)
   mesh = _mesh(sequence=4, tensor=2)
-  manual, spec, _ = context.manual_specs(mesh, PATTERNS["causal"], 2, 8, 2)
+  manual, spec, _ = context.manual_specs(mesh, PATTERNS["causal"], (2, 32, 8, 8), 2)
   assert manual == {"data", "fsdp", "sequence", "tensor"}
   assert spec == PartitionSpec(None, "sequence", "tensor")
-  manual, _, _ = context.manual_specs(mesh, PATTERNS["causal"], 2, 4, 2, 4)
+  manual, _, _ = context.manual_specs(mesh, PATTERNS["causal"], (2, 32, 4, 8), 2, 4)
   assert "tensor" not in manual
   _check(mesh, cp, PATTERNS["sink_window"], seed=13, N=8, packed=True)
 
@@ -178,14 +178,14 @@ def test_manual_specs_choose_axes():
   """Batch axes go manual when they divide the batch, heads when the pattern
   is head-independent and the axis divides both head counts; else automatic."""
   mesh = _mesh(data=2, sequence=2, tensor=2)
-  manual, spec, seg_spec = context.manual_specs(mesh, PATTERNS["causal"], 4, 4, 2)
+  manual, spec, seg_spec = context.manual_specs(mesh, PATTERNS["causal"], (4, 32, 4, 8), 2)
   assert manual == {"data", "fsdp", "sequence", "tensor"}
   assert (spec, seg_spec) == (PartitionSpec("data", "sequence", "tensor"),
                               PartitionSpec("data", "sequence"))
-  manual, spec, _ = context.manual_specs(mesh, PATTERNS["strided"], 3, 4, 2)
+  manual, spec, _ = context.manual_specs(mesh, PATTERNS["strided"], (3, 32, 4, 8), 2)
   assert manual == {"fsdp", "sequence"}  # odd batch; head-dependent pattern
   assert spec == PartitionSpec(None, "sequence", None)
-  manual, _, _ = context.manual_specs(mesh, PATTERNS["causal"], 4, 4, 1)
+  manual, _, _ = context.manual_specs(mesh, PATTERNS["causal"], (4, 32, 4, 8), 1)
   assert "tensor" not in manual  # 1 K/V head cannot be split in two
 
 
