@@ -196,9 +196,10 @@ class Deadline:
 
 
 def run_checks(names=None, deadline: Deadline | None = None,
-               reserve_s: float = 0.0) -> bool:
-  """Runs CHECK_CASES (or ``names``); stops starting new ones when fewer
-  than ``reserve_s`` seconds are left."""
+               reserve_s: float = 0.0, overrides: dict | None = None) -> bool:
+  """Runs CHECK_CASES (or ``names``), each case's config updated with the
+  Config fields ``overrides``; stops starting new ones when fewer than
+  ``reserve_s`` seconds are left."""
   ok = True
   deadline = deadline or Deadline(None)
   for name, case in CHECK_CASES.items():
@@ -208,6 +209,9 @@ def run_checks(names=None, deadline: Deadline | None = None,
       print(f"check {name:28s} SKIP  (deadline)", flush=True)
       continue
     tol = TOLERANCE[jnp.dtype(case.get("dtype", jnp.bfloat16))]
+    if overrides:
+      case = dict(case, config=dataclasses.replace(
+          case.get("config", ma.DEFAULT_CONFIG), **overrides))
     t0 = time.perf_counter()
     try:
       errors, seed = compare_with_reference(**case)
@@ -394,15 +398,24 @@ def _parse_config(text: str) -> ma.Config:
     return VARIANTS[text]
   if text == "default":
     return ma.DEFAULT_CONFIG
+  return dataclasses.replace(ma.DEFAULT_CONFIG, **_parse_fields(text))
+
+
+def _parse_fields(text: str) -> dict:
+  """'stages_dkv=3,persistent=0' -> {Config field: value}."""
   fields = {}
+  allowed = [f.name for f in dataclasses.fields(ma.Config)]
   for item in text.split(","):
-    key, value = item.split("=")
+    key, _, value = item.partition("=")
+    if key not in allowed:
+      raise ValueError(f"unknown Config field {key!r} in {text!r}; allowed: "
+                       f"{', '.join(allowed)}")
     kind = type(getattr(ma.DEFAULT_CONFIG, key))
     if kind is tuple:
       fields[key] = tuple(v for v in value.split("+") if v)
     else:
       fields[key] = value if kind is str else kind(int(value))
-  return dataclasses.replace(ma.DEFAULT_CONFIG, **fields)
+  return fields
 
 
 def main():
@@ -417,6 +430,9 @@ def main():
   parser.add_argument("--only", nargs="*", default=None,
                       help="benchmark only these pattern names")
   parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--check-config", default="",
+                      help="'key=value,...' Config fields applied to every "
+                      "check case's own config")
   parser.add_argument("--configs", nargs="*", default=None,
                       help="kernel variants to time instead of each case's: "
                       "names of VARIANTS or 'key=value,...' Config fields")
@@ -433,7 +449,9 @@ def main():
   if not args.no_checks:
     # Leave most of a budget to the benchmark.
     ok = run_checks(args.checks, deadline,
-                    reserve_s=0.0 if args.no_bench else 0.55 * deadline.left())
+                    reserve_s=0.0 if args.no_bench else 0.55 * deadline.left(),
+                    overrides=_parse_fields(args.check_config)
+                    if args.check_config else None)
   rows = []
   if not args.no_bench:
     for name, pattern, seq, kv_heads, cudnn_kwargs, impls in bench_cases(

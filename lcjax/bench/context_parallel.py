@@ -71,8 +71,10 @@ def visible(pattern: P.Pattern, length: int, heads: int) -> int:
                                   block=max(64, length // 256))
 
 
-def _fwd_bwd(attention: Callable, ct):
-  def loss(q, k, v):
+def _fwd_bwd(attention: Callable):
+  """Jitted ``(q, k, v, ct) -> (dq, dk, dv)`` of ``<attention(q, k, v), ct>``;
+  ``ct`` is an argument, not a constant baked into the program."""
+  def loss(q, k, v, ct):
     return jnp.vdot(attention(q, k, v).astype(jnp.float32), ct.astype(jnp.float32))
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
@@ -88,11 +90,11 @@ def _single_gpu(args, pattern, length, rng, dtype) -> dict[str, float]:
   """Milliseconds of fwd+bwd for the one-GPU baselines."""
   q, k, v, ct = _inputs(rng, args.batch, length, args.heads, args.kv_heads,
                         args.head_dim, dtype)
-  out = {"attend": median_ms(_fwd_bwd(lambda q, k, v: attend(q, k, v, pattern), ct),
-                         (q, k, v), args.repeats)}
+  out = {"attend": median_ms(_fwd_bwd(lambda q, k, v: attend(q, k, v, pattern)),
+                             (q, k, v, ct), args.repeats)}
   if not cudnn.supports(q.shape, k.shape, q.dtype, pattern, False, None):
     out["cudnn"] = median_ms(_fwd_bwd(lambda q, k, v: cudnn.cudnn_attention(
-        q, k, v, pattern), ct), (q, k, v), args.repeats)
+        q, k, v, pattern)), (q, k, v, ct), args.repeats)
   return out
 
 
@@ -103,8 +105,8 @@ def _context_time(args, cp, pattern, length, devices, rng, dtype) -> float:
     q, k, v, ct = _inputs(rng, args.batch, length, args.heads, args.kv_heads,
                           args.head_dim, dtype, sharding)
     fn = _fwd_bwd(lambda q, k, v: context.context_attention(
-        q, k, v, pattern, config=cp), ct)
-    return median_ms(fn, (q, k, v), args.repeats)
+        q, k, v, pattern, config=cp))
+    return median_ms(fn, (q, k, v, ct), args.repeats)
 
 
 def scaling(args, emit: Callable[[dict], None]) -> None:
@@ -179,16 +181,17 @@ def overhead(args, emit: Callable[[dict], None]) -> None:
       base = {}
       for mode in ("fwd", "fwd_bwd"):
         for impl, fn in impls.items():
-          jitted = jax.jit(fn) if mode == "fwd" else _fwd_bwd(fn, ct)
-          ms = median_ms(jitted, (q, k, v), args.repeats)
+          jit = jax.jit if mode == "fwd" else _fwd_bwd
+          operands = (q, k, v) if mode == "fwd" else (q, k, v, ct)
+          jitted = jit(fn)
+          ms = median_ms(jitted, operands, args.repeats)
           base.setdefault(mode, ms)
           rec = dict(pattern=name, mode=mode, impl=impl, seq_len=length, ms=ms,
                      overhead=ms / base[mode] - 1.0)
           if impl.startswith("context_attention"):
             rec["within_5_percent"] = rec["overhead"] < 0.05
-            rec["same_program_as_attend"] = _program(jitted, q, k, v) == _program(
-                jax.jit(impls["attend"]) if mode == "fwd" else _fwd_bwd(
-                    impls["attend"], ct), q, k, v)
+            rec["same_program_as_attend"] = _program(jitted, *operands) == _program(
+                jit(impls["attend"]), *operands)
           emit(rec)
 
 

@@ -472,6 +472,30 @@ def test_emulated_device_lists_for_large_tables(emulated, monkeypatch):
   assert not bad, f"seed={seed}: {bad}"
 
 
+def test_check_cli_configs(monkeypatch):
+  """``--configs`` / ``--check-config`` parsing, and the overrides reach
+  every check case on top of the case's own config."""
+  cfg = mosaic_check._parse_config(  # pylint: disable=protected-access
+      "stages_dkv=3,dkv_order=ascending,skip_empty_quarters=dq,persistent=0")
+  assert (cfg.stages_dkv, cfg.dkv_order, cfg.skip_empty_quarters,
+          cfg.persistent) == (3, "ascending", ("dq",), False)
+  with pytest.raises(ValueError, match="unknown Config field 'stage'.*stages_dkv"):
+    mosaic_check._parse_config("stage=3")  # pylint: disable=protected-access
+  seen = {}
+
+  def fake_compare(config=ma.DEFAULT_CONFIG, **_):
+    seen[config.num_sms] = config
+    return {"out": 1e-3}, 7
+
+  monkeypatch.setattr(mosaic_check, "compare_with_reference", fake_compare)
+  names = ["causal_gqa", "persistent_3ctas_strided"]
+  assert mosaic_check.run_checks(names, overrides={"dkv_order": "ascending"})
+  own = mosaic_check.CHECK_CASES["persistent_3ctas_strided"]["config"]
+  assert seen[3] == dataclasses.replace(own, dkv_order="ascending")
+  assert seen[ma.DEFAULT_CONFIG.num_sms] == dataclasses.replace(
+      ma.DEFAULT_CONFIG, dkv_order="ascending")
+
+
 # ----------------------------------------------------------------------------
 # CPU: schedules.
 # ----------------------------------------------------------------------------
