@@ -781,6 +781,28 @@ def test_merge_split_tiles_sums_parts_in_place():
 
 @pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
                     reason="the kernels use the jax 0.11 Mosaic GPU API")
+def test_benchmark_compares_lowerings_without_mosaic_payloads(monkeypatch):
+  """Two lowerings of one Mosaic call differ only in the kernels' serialized
+  modules and hashes, which the CP benchmark's program comparison masks;
+  a different pattern still gives a different program."""
+  from lcjax.bench.context_parallel import comparable_program  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(ma, "supports", lambda *a, **k: None)
+  qd = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+  kd = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+
+  def lowered(pattern):
+    fn = jax.jit(lambda q, k, v: ma.mosaic_attention(q, k, v, pattern))
+    return fn.trace(qd, kd, kd).lower(lowering_platforms=("cuda",)).as_text()
+
+  first, second = (lowered(P.SinkWindow(64, 300)) for _ in range(2))
+  assert comparable_program(first) == comparable_program(second)
+  assert 'kernel_hash = "..."' in comparable_program(first)
+  assert comparable_program(first) != comparable_program(
+      lowered(P.SinkWindow(64, 700)))
+
+
+@pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
+                    reason="the kernels use the jax 0.11 Mosaic GPU API")
 @pytest.mark.parametrize("split, causal_masks", [(0, True), (2, False)])
 def test_kernels_lower_for_cuda(monkeypatch, split, causal_masks):
   """Traces and lowers forward + backward (all three kernels) for CUDA, with
