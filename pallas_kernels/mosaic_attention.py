@@ -18,7 +18,8 @@ scheduling so one warpgroup's softmax overlaps the other's matmuls. What
 differs: the loop runs over the block list read from global memory, the
 producer fetches the listed tiles, masks are evaluated from the pattern on
 absolute positions only on partial tiles, and the backward has a dQ kernel
-(per query tile, over its key list) and a dK/dV kernel (per key tile, over the
+(per query tile, over its key list; it also computes delta = rowsum(O dO))
+and a dK/dV kernel (per key tile, over the
 transposed list, summing the GQA group's query heads in registers so K/V are
 never repeated in memory).
 
@@ -695,13 +696,15 @@ def _item_loop(first, last, num_buffers: int, load, body, init):
   return carry
 
 
-def _ring_load(step, stages: int, copies) -> None:
+def _ring_load(step, stages: int, copies, indexed: bool = False) -> None:
   """Producer side of a ring of ``stages`` shared-memory slots.
 
   Step ``step`` of the CTA (counted across its items) loads into slot
   ``step % stages``; every load but the CTA's first ``stages`` first waits
   until the consumers have freed the slot. ``copies()`` gives the
-  (gmem source, smem ring, full barriers, free barriers) of the step.
+  (gmem source, smem ring, full barriers, free barriers) of the step, or
+  with ``indexed`` the slot's own smem destination and full barrier in place
+  of the ring's.
   """
   pl, plgpu = _gpu_modules()
   slot = lax.rem(step, jnp.int32(stages))
@@ -709,7 +712,9 @@ def _ring_load(step, stages: int, copies) -> None:
     @pl.when(step >= stages)
     def _():
       plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
-    plgpu.copy_gmem_to_smem(src, smem.at[slot], bar.at[slot])
+    if not indexed:
+      smem, bar = smem.at[slot], bar.at[slot]
+    plgpu.copy_gmem_to_smem(src, smem, bar)
 
 
 def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
@@ -901,11 +906,15 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
   )(q, k, v, q_seg, kv_seg, offsets, rows.items, rows.bounds, *lists)
 
 
-def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
+def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
                  rows: CtaWork, lists: Lists, st: _Statics):
   """dQ: per 128-row query tile (items of ``rows``), over its key list.
 
-  Persistent like ``_forward``. Returns dq [B,T,N,H].
+  Persistent like ``_forward``. Also computes delta = rowsum(out * do) - dlse
+  (``dlse`` may be None) for the dK/dV kernel: the producer streams each
+  item's ``out`` rows through the K/V ring as one extra step, where they
+  meet ``do`` already in shared memory, instead of an XLA pass reading
+  ``out`` and ``do`` from HBM again. Returns (dq [B,T,N,H], delta [B,N,T]).
   """
   pl, plgpu = _gpu_modules()
   B, T, N, H = q.shape
@@ -922,12 +931,17 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
   size = jnp.dtype(dtype).itemsize
   nbuf = _num_buffers(2 * ns * bk * H * size,
                       2 * (2 * bq * H * size + 2 * bq * 4))
+  n_inputs = 3 if dlse is None else 4  # Q, dO, lse (and dlse) per item
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
+  def o_rows(smem, slot):
+    """The 64 rows of a K or V ring slot that hold a warpgroup's ``out``."""
+    return smem.at[slot] if bk == bq else smem.at[slot, pl.ds(0, bq)]
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dlse_ref, qseg_ref,
              kvseg_ref, off_ref, rows_ref, bounds_ref, blk_ref, nfull_ref,
-             cnt_ref, quarters_ref, dq_ref, q_smems, do_smems, lse_smems,
-             delta_smems, k_smem, v_smem, in_bars, k_bar, v_bar, k_free,
-             v_free):
+             cnt_ref, quarters_ref, dq_ref, delta_ref, q_smems, do_smems,
+             lse_smems, delta_smems, k_smem, v_smem, in_bars, k_bar, v_bar,
+             k_free, v_free):
     cta = lax.axis_index("ctas")
     first, last = bounds_ref[cta], bounds_ref[cta + 1]
     wg = lax.axis_index("wg")
@@ -957,7 +971,9 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         b, h, qt, _, _ = item_info(idx)
         rows = pl.ds(qt * _META_BLOCK + wg * bq, bq)
         srcs = (q_ref.at[b, rows, h], do_ref.at[b, rows, h],
-                lse_ref.at[b, h, rows], delta_ref.at[b, h, rows])
+                lse_ref.at[b, h, rows])
+        if dlse_ref is not None:
+          srcs += (dlse_ref.at[b, h, rows],)
         for src, dst, bar in zip(srcs, smems, in_bars):
           plgpu.copy_gmem_to_smem(src, dst.at[2 * buf + wg],
                                   bar.at[2 * buf + wg])
@@ -976,11 +992,31 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         for bar in in_bars:
           plgpu.barrier_wait(bar.at[2 * buf + wg])
         lse = plgpu.load(lse_smem, layout=ROW)
-        delta = plgpu.load(delta_smem, layout=ROW)
+
+        # Step 0 of the item: its ``out`` rows, warpgroup 0's in the K slot,
+        # warpgroup 1's in the V slot; delta = <out, dO> per row.
+        slot0 = lax.rem(g0, jnp.int32(ns))
+        plgpu.barrier_wait(k_bar.at[slot0])
+        plgpu.barrier_wait(v_bar.at[slot0])
+
+        def row_dot(o_smem):
+          o = o_smem[...].astype(f32)
+          return (o * do_smem[...].astype(f32)).sum(axis=1)
+
+        delta = lax.cond(wg == 0, lambda: row_dot(o_rows(k_smem, slot0)),
+                         lambda: row_dot(o_rows(v_smem, slot0)))
+        plgpu.barrier_arrive(k_free.at[slot0])
+        plgpu.barrier_arrive(v_free.at[slot0])
+        delta = plgpu.layout_cast(delta, ROW)
+        if dlse_ref is not None:
+          delta = delta - plgpu.load(delta_smem, layout=ROW)
+        delta_smem[...] = delta
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(delta_smem, delta_ref.at[b, h, rows])
         dq = plgpu.layout_cast(jnp.full((bq, H), 0.0, f32), WGMMA)
 
         def step(t, dq, masked: bool):
-          slot = lax.rem(g0 + t, jnp.int32(ns))
+          slot = lax.rem(g0 + 1 + t, jnp.int32(ns))
           plgpu.barrier_wait(k_bar.at[slot])
 
           def probs(s):
@@ -1040,7 +1076,7 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         q_smem[...] = (dq * st.scale).astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
-        return g0 + n_tot
+        return g0 + 1 + n_tot
 
       _item_loop(first, last, nbuf, load_inputs, run_item, jnp.int32(0))
 
@@ -1053,15 +1089,22 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         n_tot = cnt_ref[bm, hm, qt] * split
         kvh = lax.div(h, jnp.int32(G))
 
+        def out_copies():
+          o_src = lambda w: o_ref.at[b, pl.ds(qt * _META_BLOCK + w * bq, bq), h]
+          slot = lax.rem(g0, jnp.int32(ns))
+          return ((o_src(0), o_rows(k_smem, slot), k_bar.at[slot], k_free),
+                  (o_src(1), o_rows(v_smem, slot), v_bar.at[slot], v_free))
+        _ring_load(g0, ns, out_copies, indexed=True)
+
         @pl.loop(0, n_tot)
         def _(t):
           def copies():
             rows = (b, pl.ds(kv_row0(bm, hm, qt, t), bk), kvh)
             return ((k_ref.at[rows], k_smem, k_bar, k_free),
                     (v_ref.at[rows], v_smem, v_bar, v_free))
-          _ring_load(g0 + t, ns, copies)
+          _ring_load(g0 + 1 + t, ns, copies)
 
-        return g0 + n_tot
+        return g0 + 1 + n_tot
 
       lax.fori_loop(first, last, run_item, jnp.int32(0))
 
@@ -1073,7 +1116,7 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       plgpu.SMEM((2 * nbuf, bq), f32),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
-      tuple(plgpu.Barrier(num_barriers=2 * nbuf) for _ in range(4)),
+      tuple(plgpu.Barrier(num_barriers=2 * nbuf) for _ in range(n_inputs)),
       plgpu.Barrier(num_barriers=ns),
       plgpu.Barrier(num_barriers=ns),
       plgpu.Barrier(num_arrivals=2, num_barriers=ns),
@@ -1081,7 +1124,8 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
   ]
   return plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((B, N, T), f32)),
       scratch_types=scratch,
       grid=(rows.bounds.shape[0] - 1,),
       grid_names=("ctas",),
@@ -1089,8 +1133,8 @@ def _backward_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       thread_name="wg",
       kernel_name="lcjax_attention_dq",
       compiler_params=_compiler_params(plgpu),
-  )(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows.items, rows.bounds,
-    *lists)
+  )(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets, rows.items,
+    rows.bounds, *lists)
 
 
 def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
@@ -1415,17 +1459,18 @@ def _backward(st: _Statics, q, k, v, q_seg, kv_seg, offsets, plan, out, lse, do,
   """dQ and dK/dV kernels on block-padded inputs, given the rows' ``out``/``lse``."""
   fwd_lists, bwd_lists, rows, kv_sched = plan
   do = do.astype(q.dtype)
-  # delta_i = sum_j p_ij dp_ij = <o_i, do_i>. A cotangent on lse_i adds
-  # p_ij * dlse_i to ds_ij, i.e. subtracts dlse_i from delta_i.
-  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32),
-                     do.astype(jnp.float32))
+  # The dQ kernel computes delta_i = sum_j p_ij dp_ij = <o_i, do_i>. A
+  # cotangent on lse_i adds p_ij * dlse_i to ds_ij, i.e. subtracts dlse_i
+  # from delta_i.
   if dlse is not None:
-    delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    dlse = jnp.where(jnp.isfinite(lse), dlse, 0.0).astype(jnp.float32)
   # lse in log2 units; +inf on rows that see no key so that p = 0 there.
   lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)
-  args = (q, k, v, do, lse2, delta, q_seg, kv_seg, offsets)
-  dq = _backward_dq(*args, rows, fwd_lists, st)
-  dk, dv, dk_parts, dv_parts = _backward_dkv(*args, bwd_lists, kv_sched, st)
+  dq, delta = _backward_dq(q, k, v, do, out.astype(q.dtype), lse2, dlse, q_seg,
+                           kv_seg, offsets, rows, fwd_lists, st)
+  dk, dv, dk_parts, dv_parts = _backward_dkv(
+      q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, bwd_lists, kv_sched,
+      st)
   if dk_parts is not None:
     dk = _merge_split_tiles(dk, dk_parts, kv_sched)
     dv = _merge_split_tiles(dv, dv_parts, kv_sched)

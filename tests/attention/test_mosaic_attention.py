@@ -244,19 +244,27 @@ def _emu_forward(q, k, v, q_seg, kv_seg, offsets, rows, lists, st):
                     rows.bounds, *lists)
 
 
-def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
-  """dQ kernel: per scheduled query tile, its list in key steps of
-  ``block_kv_dq`` (the kernel's index arithmetic), 128 rows at once."""
+def _emu_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets, rows, lists,
+            st):
+  """dQ kernel: per scheduled query tile, delta = <out, dO> - dlse of its
+  rows, then its list in key steps of ``block_kv_dq`` (the kernel's index
+  arithmetic), 128 rows at once. Returns (dq, delta)."""
   bk = st.cfg.block_kv_dq
   split = _BLK // bk
 
-  def run(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, items, bounds,
+  def run(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets, items, bounds,
           blocks, num_full, count, quarters):
     G = q.shape[2] // k.shape[2]
     dq = np.full(q.shape, np.nan, q.dtype)
+    B, T, N, _ = q.shape
+    delta = np.full((B, N, T), np.nan, np.float32)
     for b, h, qt in _cta_runs(items, bounds, st.cfg.num_sms):
       bm, hm = _index(blocks.shape, b, h)
       r = qt * _BLK + np.arange(_BLK)
+      delta[b, h, r] = (out[b, r, h].astype(np.float32)
+                        * do[b, r, h].astype(np.float32)).sum(-1)
+      if dlse is not None:
+        delta[b, h, r] -= dlse[b, h, r]
       acc = np.zeros((_BLK, q.shape[3]), np.float32)
       for t in range(count[bm, hm, qt] * split):
         masked = t >= num_full[bm, hm, qt] * split
@@ -287,11 +295,13 @@ def _emu_dq(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets, rows, lists, st):
           ds[:_HALF] = 0.0  # queries 0-63 against keys 64-127 of the diagonal
         acc += ds @ kc
       dq[b, r, h] = acc * st.scale
-    return dq
+    return dq, delta
 
-  return _host_call(run, jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v, do,
-                    lse2, delta, q_seg, kv_seg, offsets, rows.items,
-                    rows.bounds, *lists)
+  B, T, N, _ = q.shape
+  shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, N, T), jnp.float32))
+  return _host_call(run, shapes, q, k, v, do, out, lse2, dlse, q_seg, kv_seg,
+                    offsets, rows.items, rows.bounds, *lists)
 
 
 def _check_kv_items(items, counts, merge_tiles, merge_valid, B, N, KH):
