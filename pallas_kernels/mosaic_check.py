@@ -179,6 +179,12 @@ CHECK_CASES = {
         kv_len=768, segments=True,
         config=dataclasses.replace(ma.DEFAULT_CONFIG, num_sms=7,
                                    block_kv_dq=64)),
+    # dQ with 128-key tiles: single-buffered Q/dO, and each item's rows of
+    # the output (for delta) in the first 64 rows of a K and a V ring slot.
+    "persistent_3ctas_sinkwindow_dq128": dict(
+        pattern=P.SinkWindow(64, 300), q_len=1000, kv_len=1000, kv_heads=1,
+        config=dataclasses.replace(ma.DEFAULT_CONFIG, num_sms=3,
+                                   block_kv_dq=128)),
 }
 
 # Relative Frobenius error allowed per dtype (operands rounded to 8 / 11 bits).
