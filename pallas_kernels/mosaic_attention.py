@@ -965,6 +965,8 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
     def _compute():
       plgpu.set_max_registers(232, action="increase")
       offs = (off_ref[0], off_ref[1])
+      # Per item and warpgroup; delta_smems holds dlse on the way in (with an
+      # lse cotangent) and the item's delta on the way out.
       smems = (q_smems, do_smems, lse_smems, delta_smems)
 
       def load_inputs(idx, buf):
