@@ -696,15 +696,13 @@ def _item_loop(first, last, num_buffers: int, load, body, init):
   return carry
 
 
-def _ring_load(step, stages: int, copies, indexed: bool = False) -> None:
+def _ring_load(step, stages: int, copies) -> None:
   """Producer side of a ring of ``stages`` shared-memory slots.
 
   Step ``step`` of the CTA (counted across its items) loads into slot
   ``step % stages``; every load but the CTA's first ``stages`` first waits
   until the consumers have freed the slot. ``copies()`` gives the
-  (gmem source, smem ring, full barriers, free barriers) of the step, or
-  with ``indexed`` the slot's own smem destination and full barrier in place
-  of the ring's.
+  (gmem source, smem ring, full barriers, free barriers) of the step.
   """
   pl, plgpu = _gpu_modules()
   slot = lax.rem(step, jnp.int32(stages))
@@ -712,9 +710,7 @@ def _ring_load(step, stages: int, copies, indexed: bool = False) -> None:
     @pl.when(step >= stages)
     def _():
       plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
-    if not indexed:
-      smem, bar = smem.at[slot], bar.at[slot]
-    plgpu.copy_gmem_to_smem(src, smem, bar)
+    plgpu.copy_gmem_to_smem(src, smem.at[slot], bar.at[slot])
 
 
 def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
@@ -933,9 +929,10 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
                       2 * (2 * bq * H * size + 2 * bq * 4))
   n_inputs = 3 if dlse is None else 4  # Q, dO, lse (and dlse) per item
 
-  def o_rows(smem, slot):
-    """The 64 rows of a K or V ring slot that hold a warpgroup's ``out``."""
-    return smem.at[slot] if bk == bq else smem.at[slot, pl.ds(0, bq)]
+  def o_ring(smem):
+    """The K or V ring's first 64 rows per slot, which hold a warpgroup's
+    ``out`` in an item's first step."""
+    return smem if bk == bq else smem.at[:, pl.ds(0, bq)]
 
   def kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dlse_ref, qseg_ref,
              kvseg_ref, off_ref, rows_ref, bounds_ref, blk_ref, nfull_ref,
@@ -1005,8 +1002,8 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
           o = o_smem[...].astype(f32)
           return (o * do_smem[...].astype(f32)).sum(axis=1)
 
-        delta = lax.cond(wg == 0, lambda: row_dot(o_rows(k_smem, slot0)),
-                         lambda: row_dot(o_rows(v_smem, slot0)))
+        delta = lax.cond(wg == 0, lambda: row_dot(o_ring(k_smem).at[slot0]),
+                         lambda: row_dot(o_ring(v_smem).at[slot0]))
         plgpu.barrier_arrive(k_free.at[slot0])
         plgpu.barrier_arrive(v_free.at[slot0])
         delta = plgpu.layout_cast(delta, ROW)
@@ -1093,10 +1090,9 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
 
         def out_copies():
           o_src = lambda w: o_ref.at[b, pl.ds(qt * _META_BLOCK + w * bq, bq), h]
-          slot = lax.rem(g0, jnp.int32(ns))
-          return ((o_src(0), o_rows(k_smem, slot), k_bar.at[slot], k_free),
-                  (o_src(1), o_rows(v_smem, slot), v_bar.at[slot], v_free))
-        _ring_load(g0, ns, out_copies, indexed=True)
+          return ((o_src(0), o_ring(k_smem), k_bar, k_free),
+                  (o_src(1), o_ring(v_smem), v_bar, v_free))
+        _ring_load(g0, ns, out_copies)
 
         @pl.loop(0, n_tot)
         def _(t):
