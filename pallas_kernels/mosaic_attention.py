@@ -702,14 +702,19 @@ def _ring_load(step, stages: int, copies) -> None:
   Step ``step`` of the CTA (counted across its items) loads into slot
   ``step % stages``; every load but the CTA's first ``stages`` first waits
   until the consumers have freed the slot. ``copies()`` gives the
-  (gmem source, smem ring, full barriers, free barriers) of the step.
+  (gmem source, smem ring, full barriers, free barriers) of the step; a copy
+  whose free barriers are None waits for nothing of its own (an earlier copy
+  of the step waited for the slot), and copies that share full barriers
+  arrive on them together (barriers with one arrival per copy: one wait
+  covers them all).
   """
   pl, plgpu = _gpu_modules()
   slot = lax.rem(step, jnp.int32(stages))
   for src, smem, bar, free in copies():
-    @pl.when(step >= stages)
-    def _():
-      plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
+    if free is not None:
+      @pl.when(step >= stages)
+      def _():
+        plgpu.barrier_wait(free.at[slot])  # pylint: disable=cell-var-from-loop
     plgpu.copy_gmem_to_smem(src, smem.at[slot], bar.at[slot])
 
 
@@ -937,8 +942,7 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
   def kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dlse_ref, qseg_ref,
              kvseg_ref, off_ref, rows_ref, bounds_ref, blk_ref, nfull_ref,
              cnt_ref, quarters_ref, dq_ref, delta_ref, q_smems, do_smems,
-             lse_smems, delta_smems, k_smem, v_smem, in_bars, k_bar, v_bar,
-             k_free, v_free):
+             lse_smems, delta_smems, k_smem, v_smem, in_bar, kv_bar, kv_free):
     cta = lax.axis_index("ctas")
     first, last = bounds_ref[cta], bounds_ref[cta + 1]
     wg = lax.axis_index("wg")
@@ -973,9 +977,9 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
                 lse_ref.at[b, h, rows])
         if dlse_ref is not None:
           srcs += (dlse_ref.at[b, h, rows],)
-        for src, dst, bar in zip(srcs, smems, in_bars):
+        for src, dst in zip(srcs, smems):
           plgpu.copy_gmem_to_smem(src, dst.at[2 * buf + wg],
-                                  bar.at[2 * buf + wg])
+                                  in_bar.at[2 * buf + wg])
 
       def run_item(idx, buf, g0):
         b, h, qt, bm, hm = item_info(idx)
@@ -988,15 +992,13 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
         q_seg = None
         if st.has_segments and st.has_partial:
           q_seg = plgpu.load(qseg_ref.at[b, rows], layout=ROW, optimized=False)
-        for bar in in_bars:
-          plgpu.barrier_wait(bar.at[2 * buf + wg])
+        plgpu.barrier_wait(in_bar.at[2 * buf + wg])
         lse = plgpu.load(lse_smem, layout=ROW)
 
         # Step 0 of the item: its ``out`` rows, warpgroup 0's in the K slot,
         # warpgroup 1's in the V slot; delta = <out, dO> per row.
         slot0 = lax.rem(g0, jnp.int32(ns))
-        plgpu.barrier_wait(k_bar.at[slot0])
-        plgpu.barrier_wait(v_bar.at[slot0])
+        plgpu.barrier_wait(kv_bar.at[slot0])
 
         def row_dot(o_smem):
           o = o_smem[...].astype(f32)
@@ -1004,8 +1006,7 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
 
         delta = lax.cond(wg == 0, lambda: row_dot(o_ring(k_smem).at[slot0]),
                          lambda: row_dot(o_ring(v_smem).at[slot0]))
-        plgpu.barrier_arrive(k_free.at[slot0])
-        plgpu.barrier_arrive(v_free.at[slot0])
+        plgpu.barrier_arrive(kv_free.at[slot0])
         delta = plgpu.layout_cast(delta, ROW)
         if dlse_ref is not None:
           delta = delta - plgpu.load(delta_smem, layout=ROW)
@@ -1016,7 +1017,7 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
 
         def step(t, dq, masked: bool):
           slot = lax.rem(g0 + 1 + t, jnp.int32(ns))
-          plgpu.barrier_wait(k_bar.at[slot])
+          plgpu.barrier_wait(kv_bar.at[slot])  # K and V
 
           def probs(s):
             s, tanh = _logits(s, st)
@@ -1028,8 +1029,6 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
 
           # S and dP in one wgmma group: one wait per step fewer than S,
           # softmax, dP (H100: dQ kernel 5-12% faster, log item 6).
-          plgpu.barrier_wait(v_bar.at[slot])
-
           def accumulate(dq):
             def compute_s_dp(refs):
               s_ref, dp_ref = refs
@@ -1040,7 +1039,6 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
             s, dp = pl.run_scoped(compute_s_dp, (plgpu.ACC((bq, bk), f32),
                                                  plgpu.ACC((bq, bk), f32)))
             p, tanh = probs(s)
-            plgpu.barrier_arrive(v_free.at[slot])
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
             if tanh is not None:
               ds = ds * (1.0 - tanh * tanh)
@@ -1057,14 +1055,10 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
               st, "dq", masked, bits, q_half=wg,
               k_half=lax.rem(t, jnp.int32(2)) if split == 2 else None)
           if empty is not None:
-            def skip(dq):  # the same barrier arrivals as accumulate
-              plgpu.barrier_arrive(v_free.at[slot])
-              return dq
-
-            dq = lax.cond(empty, skip, accumulate, dq)
+            dq = lax.cond(empty, lambda dq: dq, accumulate, dq)
           else:
             dq = accumulate(dq)
-          plgpu.barrier_arrive(k_free.at[slot])
+          plgpu.barrier_arrive(kv_free.at[slot])
           return dq
 
         dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
@@ -1090,16 +1084,16 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
 
         def out_copies():
           o_src = lambda w: o_ref.at[b, pl.ds(qt * _META_BLOCK + w * bq, bq), h]
-          return ((o_src(0), o_ring(k_smem), k_bar, k_free),
-                  (o_src(1), o_ring(v_smem), v_bar, v_free))
+          return ((o_src(0), o_ring(k_smem), kv_bar, kv_free),
+                  (o_src(1), o_ring(v_smem), kv_bar, None))
         _ring_load(g0, ns, out_copies)
 
         @pl.loop(0, n_tot)
         def _(t):
           def copies():
             rows = (b, pl.ds(kv_row0(bm, hm, qt, t), bk), kvh)
-            return ((k_ref.at[rows], k_smem, k_bar, k_free),
-                    (v_ref.at[rows], v_smem, v_bar, v_free))
+            return ((k_ref.at[rows], k_smem, kv_bar, kv_free),
+                    (v_ref.at[rows], v_smem, kv_bar, None))
           _ring_load(g0 + 1 + t, ns, copies)
 
         return g0 + 1 + n_tot
@@ -1114,11 +1108,11 @@ def _backward_dq(q, k, v, do, out, lse2, dlse, q_seg, kv_seg, offsets,
       plgpu.SMEM((2 * nbuf, bq), f32),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
-      tuple(plgpu.Barrier(num_barriers=2 * nbuf) for _ in range(n_inputs)),
-      plgpu.Barrier(num_barriers=ns),
-      plgpu.Barrier(num_barriers=ns),
+      # One barrier per buffer for all of an item's inputs, one per ring slot
+      # for its K and V tiles (one arrival per copy): one wait each.
+      plgpu.Barrier(num_arrivals=n_inputs, num_barriers=2 * nbuf),
       plgpu.Barrier(num_arrivals=2, num_barriers=ns),
-      plgpu.Barrier(num_arrivals=2, num_barriers=ns),
+      plgpu.Barrier(num_arrivals=2, num_barriers=ns),  # freed by both WGs
   ]
   return plgpu.kernel(
       kernel,
@@ -1174,8 +1168,7 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
     else:
       dk_ref, dv_ref, *scratch = outs_and_scratch
     (k_smems, v_smems, q_smem, do_smem, lse_smem, delta_smem,
-     k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar,
-     q_free, do_free, lse_free, delta_free) = scratch
+     kv_bar, in_bar, in_free) = scratch
     cta = lax.axis_index("ctas")
     first, last = bounds_ref[cta], bounds_ref[cta + 1]
     wg = lax.axis_index("wg")
@@ -1207,10 +1200,9 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       def load_kv(idx, buf):
         b, kvh, kt, *_ = item_info(idx)
         rows = pl.ds(kt * _META_BLOCK + wg * bk, bk)
-        for ref, smems, bar in ((k_ref, k_smems, k_bar),
-                                (v_ref, v_smems, v_bar)):
+        for ref, smems in ((k_ref, k_smems), (v_ref, v_smems)):
           plgpu.copy_gmem_to_smem(ref.at[b, rows, kvh], smems.at[2 * buf + wg],
-                                  bar.at[2 * buf + wg])
+                                  kv_bar.at[2 * buf + wg])
 
       def run_item(idx, buf, t0):
         b, kvh, kt, start, end, part_slot = item_info(idx)
@@ -1221,19 +1213,12 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         if st.has_segments and st.has_partial:
           kv_seg = plgpu.load(kvseg_ref.at[b, rows], layout=ROW,
                               optimized=False)
-        plgpu.barrier_wait(k_bar.at[2 * buf + wg])
-        plgpu.barrier_wait(v_bar.at[2 * buf + wg])
+        plgpu.barrier_wait(kv_bar.at[2 * buf + wg])
 
         def step(j, carry, hq, bm, hm, n_full, masked: bool):
           dk, dv, t = carry
           slot = lax.rem(t, jnp.int32(ns))
-          plgpu.barrier_wait(q_bar.at[slot])
-
-          def ring_vector(smem, bar, free):
-            plgpu.barrier_wait(bar.at[slot])
-            x = plgpu.load(smem.at[slot], layout=COL)
-            plgpu.barrier_arrive(free.at[slot])
-            return x
+          plgpu.barrier_wait(in_bar.at[slot])  # Q, dO, lse and delta
 
           def probs_t(s_t):
             s_t, tanh = _logits(s_t, st)
@@ -1241,7 +1226,7 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
               q0 = masked_q_row0(bm, hm, kt, j)
               s_t = _mask_logits(s_t, st, plgpu, 1, q0, k_row0, offs, hq,
                                  kv_seg, lambda: qseg_ref.at[b, pl.ds(q0, bq)])
-            lse = ring_vector(lse_smem, lse_bar, lse_free)
+            lse = plgpu.load(lse_smem.at[slot], layout=COL)
             lse_t = lax.broadcast_in_dim(lse, s_t.shape, [1])
             return jnp.exp2(s_t - lse_t), tanh
 
@@ -1253,7 +1238,6 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
               return acc_ref[...]
 
             s_t = pl.run_scoped(compute_st, plgpu.ACC((bk, bq), f32))
-            plgpu.barrier_wait(do_bar.at[slot])
 
             # The softmax of S^T runs while dP^T = V dO^T is in flight (H100:
             # dK/dV kernel 5-9% faster than in between, log item 6).
@@ -1264,7 +1248,7 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
 
             dp_t, p_t, tanh = pl.run_scoped(compute_dpt_and_p,
                                             plgpu.ACC((bk, bq), f32))
-            delta = ring_vector(delta_smem, delta_bar, delta_free)
+            delta = plgpu.load(delta_smem.at[slot], layout=COL)
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
             if tanh is not None:
               ds_t = ds_t * (1.0 - tanh * tanh)
@@ -1287,18 +1271,10 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
               q_half=lax.rem(j, jnp.int32(2)) if split == 2 else None,
               k_half=wg)
           if empty is not None:
-            def skip(dk_dv):  # the same barrier phases as accumulate
-              plgpu.barrier_wait(do_bar.at[slot])
-              for bar, free in ((lse_bar, lse_free), (delta_bar, delta_free)):
-                plgpu.barrier_wait(bar.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
-              return dk_dv
-
-            dk, dv = lax.cond(empty, skip, accumulate, (dk, dv))
+            dk, dv = lax.cond(empty, lambda dk_dv: dk_dv, accumulate, (dk, dv))
           else:
             dk, dv = accumulate((dk, dv))
-          plgpu.barrier_arrive(do_free.at[slot])
-          plgpu.barrier_arrive(q_free.at[slot])
+          plgpu.barrier_arrive(in_free.at[slot])
           return dk, dv, t + 1
 
         def head(g, carry):
@@ -1359,11 +1335,10 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
         def issue(j, t):
           def copies():
             cols = pl.ds(q_row0(bm, hm, kt, j), bq)
-            return ((q_ref.at[b, cols, hq], q_smem, q_bar, q_free),
-                    (lse_ref.at[b, hq, cols], lse_smem, lse_bar, lse_free),
-                    (do_ref.at[b, cols, hq], do_smem, do_bar, do_free),
-                    (delta_ref.at[b, hq, cols], delta_smem, delta_bar,
-                     delta_free))
+            return ((q_ref.at[b, cols, hq], q_smem, in_bar, in_free),
+                    (lse_ref.at[b, hq, cols], lse_smem, in_bar, None),
+                    (do_ref.at[b, cols, hq], do_smem, in_bar, None),
+                    (delta_ref.at[b, hq, cols], delta_smem, in_bar, None))
           _ring_load(t, ns, copies)
           return t + 1
 
@@ -1378,7 +1353,6 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       lax.fori_loop(first, last, run_item, jnp.int32(0))
 
   tr = _smem_transforms(plgpu)
-  free = lambda: plgpu.Barrier(num_arrivals=2, num_barriers=ns)
   scratch = [
       plgpu.SMEM((2 * nbuf, bk, H), dtype, transforms=tr),
       plgpu.SMEM((2 * nbuf, bk, H), dtype, transforms=tr),
@@ -1386,13 +1360,11 @@ def _backward_dkv(q, k, v, do, lse2, delta, q_seg, kv_seg, offsets,
       plgpu.SMEM((ns, bq, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bq), f32),
       plgpu.SMEM((ns, bq), f32),
-      plgpu.Barrier(num_barriers=2 * nbuf),
-      plgpu.Barrier(num_barriers=2 * nbuf),
-      plgpu.Barrier(num_barriers=ns),
-      plgpu.Barrier(num_barriers=ns),
-      plgpu.Barrier(num_barriers=ns),
-      plgpu.Barrier(num_barriers=ns),
-      free(), free(), free(), free(),
+      # One barrier per buffer for an item's K and V, one per ring slot for
+      # a step's Q, dO, lse and delta (one arrival per copy): one wait each.
+      plgpu.Barrier(num_arrivals=2, num_barriers=2 * nbuf),
+      plgpu.Barrier(num_arrivals=4, num_barriers=ns),
+      plgpu.Barrier(num_arrivals=2, num_barriers=ns),  # freed by both WGs
   ]
   kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
   out_type = [kv_type, kv_type]
