@@ -266,13 +266,15 @@ VARIANTS = {
 def bench_pattern(name, pattern, seq, *, cudnn_kwargs=None, heads=16,
                   kv_heads=16, head_dim=128, batch=1, impls=("mosaic",),
                   configs=None, reps=10, deadline: Deadline | None = None,
-                  reserve_s: float = 0.0, profile: bool = False):
+                  reserve_s: float = 0.0, profile: bool = False,
+                  queued: bool = False):
   """Rows {pattern, seq, impl, mode, ms, tflops, density} for one case.
 
   ``impls``: names of VARIANTS and/or "cudnn" (needs ``cudnn_kwargs``), timed
   in this order; ``configs`` ({label: Config}) replaces the variants. An
   implementation is skipped when fewer than ``reserve_s`` seconds are left.
-  ``profile``: print the device time per kernel of each timed call.
+  ``profile``: print the device time per kernel of each timed call
+  (``queued``: of calls queued back to back, see ``kernel_times``).
   """
   deadline = deadline or Deadline(None)
   keys = jax.random.split(jax.random.key(seq), 4)
@@ -318,7 +320,8 @@ def bench_pattern(name, pattern, seq, *, cudnn_kwargs=None, heads=16,
             f"{flops / b2b / 1e9:6.1f} TF/s ({time.perf_counter() - t0:.0f}s "
             "incl. compile)", flush=True)
       if profile and ms == ms:
-        print(format_kernel_times(kernel_times(fn, *args), top=8,
+        times = kernel_times(fn, *args, queued=queued)
+        print(format_kernel_times(times, top=8,
                                   title=f"    {name} {seq} {impl} {mode}:"), flush=True)
   return rows
 
@@ -447,6 +450,9 @@ def main():
   parser.add_argument("--json", default=None, help="write benchmark rows here")
   parser.add_argument("--profile", action="store_true",
                       help="print the device time per kernel of each timed call")
+  parser.add_argument("--queued", action="store_true",
+                      help="with --profile: profile calls queued back to back "
+                      "(steadier between processes) instead of synced ones")
   args = parser.parse_args()
   deadline = Deadline(args.deadline_s)
   print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}",
@@ -471,7 +477,7 @@ def main():
                             kv_heads=kv_heads, impls=impls, configs=configs,
                             reps=args.reps, deadline=deadline,
                             reserve_s=60.0 if seq > 65536 else 25.0,
-                            profile=args.profile)
+                            profile=args.profile, queued=args.queued)
     path = args.json or (os.path.join(os.environ["OUT"], "mosaic_bench.json")
                          if os.environ.get("OUT") else None)
     if path:

@@ -35,12 +35,25 @@ def _device_pids(events: list[dict[str, Any]]) -> set[int]:
 
 
 def kernel_times(fn: Callable[..., Any], *args: Any, repeats: int = 3,
-                 trace_dir: str | None = None) -> dict[str, float]:
-  """Microseconds per call of each device kernel of ``fn(*args)``, by name."""
+                 trace_dir: str | None = None,
+                 queued: bool = False) -> dict[str, float]:
+  """Microseconds per call of each device kernel of ``fn(*args)``, by name.
+
+  ``queued``: the ``repeats`` calls are issued without a sync in between (one
+  at the end), so the GPU runs them back to back. On the H100 this is the
+  steadier measure for comparing kernels: strided 1/16 32K fwd+bwd kernels
+  varied 1% between processes this way against 5-9% with a sync after each
+  call (docs/mosaic_kernels.md, log item 18).
+  """
   trace_dir = trace_dir or tempfile.mkdtemp(prefix="lcjax_profile_")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(repeats):
-      jax.block_until_ready(fn(*args))
+    if queued:
+      for _ in range(repeats):
+        out = fn(*args)
+      jax.block_until_ready(out)
+    else:
+      for _ in range(repeats):
+        jax.block_until_ready(fn(*args))
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
                            recursive=True), key=os.path.getmtime)
   if not paths:
