@@ -741,7 +741,7 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
 
   def kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, off_ref, rows_ref,
              bounds_ref, blk_ref, nfull_ref, cnt_ref, _quarters_ref, out_ref,
-             lse_ref, q_smems, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar,
+             lse_ref, q_smems, k_smem, v_smem, lse_smem2, kv_bar, q_bar,
              k_free, v_free, sched):
     cta = lax.axis_index("ctas")
     first, last = bounds_ref[cta], bounds_ref[cta + 1]
@@ -786,7 +786,7 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
 
         @pl.when(n_tot > 0)
         def _():
-          plgpu.barrier_wait(k_bar.at[lax.rem(g0, jnp.int32(ns))])
+          plgpu.barrier_wait(kv_bar.at[lax.rem(g0, jnp.int32(ns))])
 
         pl.when(wg == 1)(sched_barrier)
 
@@ -823,7 +823,6 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
           acc, l_i, m_new, p16 = lax.optimization_barrier(
               (acc, l_i, m_new, p16))
           plgpu.barrier_arrive(sched)
-          plgpu.barrier_wait(v_bar.at[slot])
           plgpu.barrier_wait(sched)
 
           def compute_pv(acc_ref):
@@ -832,7 +831,7 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
 
             @pl.when(nxt < n_tot)
             def _():
-              plgpu.barrier_wait(k_bar.at[lax.rem(g0 + nxt, jnp.int32(ns))])
+              plgpu.barrier_wait(kv_bar.at[lax.rem(g0 + nxt, jnp.int32(ns))])
 
           acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
           plgpu.barrier_arrive(v_free.at[slot])
@@ -872,8 +871,8 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
         def _(t):
           def copies():
             rows = (b, pl.ds(blk_ref[bm, hm, qt, t] * bk, bk), kvh)
-            return ((k_ref.at[rows], k_smem, k_bar, k_free),
-                    (v_ref.at[rows], v_smem, v_bar, v_free))
+            return ((k_ref.at[rows], k_smem, kv_bar, k_free),
+                    (v_ref.at[rows], v_smem, kv_bar, v_free))
           _ring_load(g0 + t, ns, copies)
 
         return g0 + n_tot
@@ -886,8 +885,9 @@ def _forward(q, k, v, q_seg, kv_seg, offsets, rows: CtaWork, lists: Lists,
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
       plgpu.SMEM((ns, bk, H), dtype, transforms=tr),
       plgpu.SMEM((2, bq), f32),
-      plgpu.Barrier(num_barriers=ns),
-      plgpu.Barrier(num_barriers=ns),
+      # One barrier per ring slot for its K and V tiles (one arrival per
+      # copy; log item 19); they are freed separately, K after QK^T.
+      plgpu.Barrier(num_arrivals=2, num_barriers=ns),
       plgpu.Barrier(num_barriers=2 * nbuf),
       plgpu.Barrier(num_arrivals=2, num_barriers=ns),
       plgpu.Barrier(num_arrivals=2, num_barriers=ns),
