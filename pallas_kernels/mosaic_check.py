@@ -454,6 +454,8 @@ def main():
                       help="with --profile: profile calls queued back to back "
                       "(steadier between processes) instead of synced ones")
   args = parser.parse_args()
+  if args.queued and not args.profile:
+    parser.error("--queued changes how --profile measures; pass --profile too")
   deadline = Deadline(args.deadline_s)
   print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}",
         flush=True)
